@@ -1,0 +1,4 @@
+//! The `bus` command.
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("no subcommands yet")
+}
