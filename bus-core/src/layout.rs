@@ -23,7 +23,9 @@
 //!  0x100   8     claim      (atomic)        writer         before overwriting, in chunks
 //!  0x108   120   padding
 //!  0x180   4     closed     (atomic)        writer         once, when the writer closes
-//!  0x184   3708  padding to one page
+//!  0x184   4     padding
+//!  0x188   8     end_seq    (atomic)        writer         once, before `closed`: records written
+//!  0x190   3696  padding to one page
 //!  0x1000  data_bytes   data area: records, back to back, each aligned to RECORD_ALIGN
 //!
 //! The data area is mapped twice, back to back, right after the header page, so a record that
@@ -62,7 +64,8 @@
 
 use core::mem::{offset_of, size_of};
 
-use crate::sync::{AtomicU32, AtomicU64};
+// Shared memory is always viewed through the standard atomics (loom cannot overlay mapped memory).
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 /// Layout version written in both headers; a reader refuses any other.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -176,25 +179,48 @@ pub struct RingHeader {
     _pad1: [u8; 120],
     /// Non-zero once the writer has closed the ring.
     pub closed: AtomicU32,
-    _pad2: [u8; RING_HEADER_BYTES - 0x184],
+    _pad2: u32,
+    /// Number of records the writer committed in all, stored just before `closed`.
+    pub end_seq: AtomicU64,
+    _pad3: [u8; RING_HEADER_BYTES - 0x190],
 }
 
 /// The header in front of every record.
+///
+/// All four words are accessed as atomics (the last three with `Relaxed` ordering, ordered by
+/// the `commit` store and load), so a reader racing a lapping writer reads stale or new values,
+/// never undefined ones.
 #[repr(C)]
 pub struct RecordHeader {
     /// `pos + 1` once the record is committed.
     pub commit: AtomicU64,
     /// Sequence number within the ring.
-    pub seq: u64,
+    pub seq: AtomicU64,
     /// CLOCK_MONOTONIC nanoseconds at commit.
-    pub timestamp_ns: u64,
-    /// Payload length in bytes.
-    pub len: u32,
-    /// [`RECORD_KIND_MESSAGE`].
-    pub kind: u16,
-    /// Zero.
-    pub flags: u16,
+    pub timestamp_ns: AtomicU64,
+    /// Payload length (bits 0-31), kind (bits 32-47), flags (bits 48-63): on a little-endian
+    /// machine `len` is the u32 at +24, `kind` the u16 at +28, `flags` the u16 at +30.
+    pub meta: AtomicU64,
 }
+
+impl RecordHeader {
+    /// Packs `len`, `kind` and `flags` into the `meta` word.
+    #[inline]
+    pub const fn pack_meta(len: u32, kind: u16, flags: u16) -> u64 {
+        (len as u64) | ((kind as u64) << 32) | ((flags as u64) << 48)
+    }
+
+    /// Splits a `meta` word into `(len, kind, flags)`.
+    #[inline]
+    pub const fn unpack_meta(meta: u64) -> (u32, u16, u16) {
+        (meta as u32, (meta >> 32) as u16, (meta >> 48) as u16)
+    }
+}
+
+#[cfg(not(target_endian = "little"))]
+compile_error!(
+    "membus's shared-memory layout is little-endian; big-endian targets are not supported"
+);
 
 /// The cursor page header (the part before the read cursors).
 #[repr(C, align(128))]
@@ -251,22 +277,21 @@ const _: () = {
     assert!(offset_of!(RingHeader, next_pos) == 0x80);
     assert!(offset_of!(RingHeader, claim) == 0x100);
     assert!(offset_of!(RingHeader, closed) == 0x180);
+    assert!(offset_of!(RingHeader, end_seq) == 0x188);
     assert!(size_of::<RingHeader>() == RING_HEADER_BYTES);
     assert!(size_of::<RecordHeader>() == RECORD_HEADER_BYTES);
     assert!(offset_of!(RecordHeader, seq) == 8);
     assert!(offset_of!(RecordHeader, timestamp_ns) == 16);
-    assert!(offset_of!(RecordHeader, len) == 24);
-    assert!(offset_of!(RecordHeader, kind) == 28);
-    assert!(offset_of!(RecordHeader, flags) == 30);
+    assert!(offset_of!(RecordHeader, meta) == 24);
     assert!(offset_of!(CursorHeader, slots) == 0x0c);
     assert!(offset_of!(CursorHeader, subscriber_id) == 0x10);
     assert!(offset_of!(CursorHeader, pid) == 0x18);
     assert!(offset_of!(CursorHeader, park) == 0x80);
     assert!(offset_of!(CursorHeader, state) == 0x100);
     assert!(size_of::<CursorHeader>() == CURSOR_SLOTS_OFFSET);
-    assert!(CURSOR_PAGE_BYTES % 4096 == 0);
+    assert!(CURSOR_PAGE_BYTES.is_multiple_of(4096));
     assert!(cursor_slot_offset(CURSOR_SLOTS - 1) + 8 <= CURSOR_PAGE_BYTES);
-    assert!(RING_HEADER_BYTES % RECORD_ALIGN == 0);
+    assert!(RING_HEADER_BYTES.is_multiple_of(RECORD_ALIGN));
     assert!(RECORD_HEADER_BYTES < RECORD_ALIGN);
     assert!(MIN_DATA_BYTES.is_power_of_two() && MAX_DATA_BYTES.is_power_of_two());
 };
@@ -282,6 +307,19 @@ mod tests {
         assert_eq!(record_bytes(33), 128);
         assert_eq!(record_bytes(64), 128);
         assert_eq!(record_bytes(4096), 4096 + 64);
+    }
+
+    #[test]
+    fn meta_packs_len_kind_flags_at_documented_bytes() {
+        let meta = RecordHeader::pack_meta(0x0102_0304, 0x0506, 0x0708);
+        let b = meta.to_le_bytes();
+        assert_eq!(&b[0..4], &0x0102_0304u32.to_le_bytes(), "len at +24");
+        assert_eq!(&b[4..6], &0x0506u16.to_le_bytes(), "kind at +28");
+        assert_eq!(&b[6..8], &0x0708u16.to_le_bytes(), "flags at +30");
+        assert_eq!(
+            RecordHeader::unpack_meta(meta),
+            (0x0102_0304, 0x0506, 0x0708)
+        );
     }
 
     #[test]

@@ -19,11 +19,19 @@
 //! invariants.
 #![deny(unsafe_code)]
 
+// Under `--cfg loom` only the protocol (and the atomics it is written against) is compiled:
+// loom checks `wake::protocol`, the functions the ring uses for every synchronising access.
+#[cfg(not(loom))]
 pub mod frame;
+#[cfg(not(loom))]
 pub mod layout;
+#[cfg(not(loom))]
 pub mod limits;
+#[cfg(not(loom))]
 pub mod ring;
+#[cfg(not(loom))]
 pub mod segment;
 pub mod sync;
+#[cfg(not(loom))]
 pub mod sys;
 pub mod wake;

@@ -52,3 +52,6 @@ impl Default for Limits {
         }
     }
 }
+
+/// Longest broker version string in a welcome frame, in bytes (UTF-8).
+pub const MAX_BROKER_VERSION_BYTES: usize = 64;

@@ -1,1 +1,6 @@
-fn main() {}
+//! bus-core integration tests: one binary, one module per area.
+
+mod frame;
+mod ring;
+mod scm;
+mod segment;
