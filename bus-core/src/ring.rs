@@ -251,6 +251,7 @@ unsafe fn atomic_u32<'a>(base: *const u8, off: usize) -> &'a AtomicU32 {
 }
 
 const NEXT_POS_OFF: usize = offset_of!(RingHeader, next_pos);
+const NEXT_SEQ_OFF: usize = offset_of!(RingHeader, next_seq);
 const CLAIM_OFF: usize = offset_of!(RingHeader, claim);
 const CLOSED_OFF: usize = offset_of!(RingHeader, closed);
 const END_SEQ_OFF: usize = offset_of!(RingHeader, end_seq);
@@ -402,18 +403,24 @@ impl CursorView {
         self.subscriber_id
     }
 
-    fn read_pos(&self, slot: usize) -> u64 {
-        debug_assert!(slot < CURSOR_SLOTS);
+    /// The subscriber's cursor for the ring in publisher slot `slot` ([`CURSOR_DETACHED`] if it
+    /// does not read it). An untrusted number: the subscriber writes it.
+    pub fn read_pos(&self, slot: usize) -> u64 {
+        if slot >= CURSOR_SLOTS {
+            return CURSOR_DETACHED;
+        }
         // SAFETY: slot < CURSOR_SLOTS (checked at add_reader) so the offset is in the page.
         protocol::read_cursor(unsafe { atomic_u64(self.map.as_ptr(), cursor_slot_offset(slot)) })
     }
 
-    fn park(&self) -> u64 {
+    /// The subscriber's park word (odd while parked).
+    pub fn park(&self) -> u64 {
         // SAFETY: PARK_OFF is inside the page and 8-aligned.
         protocol::park_word(unsafe { atomic_u64(self.map.as_ptr(), PARK_OFF) })
     }
 
-    fn is_closed(&self) -> bool {
+    /// True once the subscriber marked its page closed.
+    pub fn is_closed(&self) -> bool {
         // SAFETY: STATE_OFF is inside the page and 4-aligned.
         let state = unsafe { atomic_u32(self.map.as_ptr(), STATE_OFF) };
         state.load(Ordering::Acquire) == CURSOR_STATE_CLOSED
@@ -731,7 +738,10 @@ impl Writer {
         protocol::commit(commit_word, pos + 1);
         self.next_pos = pos + record_bytes(len) as u64;
         self.next_seq = seq + 1;
-        // Read only by joining or resynchronising readers: stays in our cache otherwise.
+        // Read only by joining or resynchronising readers and by `bus stat`: these two words
+        // share a line that stays in our cache otherwise.
+        self.header_u64(NEXT_SEQ_OFF)
+            .store(self.next_seq, Ordering::Relaxed);
         self.header_u64(NEXT_POS_OFF)
             .store(self.next_pos, Ordering::Release);
         self.stats.committed += 1;
@@ -1032,6 +1042,14 @@ impl Reader {
     /// Position of the next record this reader will read.
     pub fn position(&self) -> u64 {
         self.pos
+    }
+
+    /// The writer's published `(next_pos, next_seq)`: where it writes next and how many records
+    /// it has committed. For monitoring (lag, message counts); untrusted numbers.
+    pub fn writer_progress(&self) -> (u64, u64) {
+        let pos = self.header_u64(NEXT_POS_OFF).load(Ordering::Acquire);
+        let seq = self.header_u64(NEXT_SEQ_OFF).load(Ordering::Relaxed);
+        (pos, seq)
     }
 
     fn advance(&mut self, next_pos: u64, next_seq: u64) {

@@ -1,5 +1,6 @@
 //! bus-core integration tests: one binary, one module per area.
 
+mod deps;
 mod frame;
 mod ring;
 mod scm;
