@@ -13,6 +13,7 @@
 //! - [`frame`]: the control-frame codec (sans-IO) spoken on the broker's SEQPACKET socket.
 //! - [`sys`]: thin syscall helpers over rustix (SCM_RIGHTS passing, clocks, CPU pinning).
 //! - [`limits`]: every bound the protocol and the data plane enforce.
+//! - [`naming`]: the default socket path, socket addresses, topic names.
 //!
 //! Unsafe code is denied at the crate root and allowed only in the modules that map or read
 //! shared memory (`segment`, `ring`, `wake`, `sys`); `docs/unsafe.md` lists each use and its
@@ -27,6 +28,8 @@ pub mod frame;
 pub mod layout;
 #[cfg(not(loom))]
 pub mod limits;
+#[cfg(not(loom))]
+pub mod naming;
 #[cfg(not(loom))]
 pub mod ring;
 #[cfg(not(loom))]

@@ -1,0 +1,1574 @@
+//! The broker's logic, sans-IO: events in (connections, frames, disconnects, wakeups, ticks),
+//! actions out ([`Out`]). The drivers in `crate::driver` do the socket I/O; everything here is
+//! deterministic and testable without sockets. (It does create memfds and map segments: that
+//! is the broker's job as the memfd factory, not socket I/O.)
+//!
+//! # Handoff order
+//!
+//! A ring reaches subscribers only after its publisher has mapped it read-write, written its
+//! header and said PUBLISHER_READY, and the broker has sealed it (`F_SEAL_FUTURE_WRITE |
+//! F_SEAL_SEAL`): from then on nobody else can map it writable. Likewise a cursor page reaches
+//! publishers only after its subscriber said SUBSCRIBER_READY and the broker sealed it. When a
+//! publisher and a subscriber are both live, the broker sends CURSOR_GRANTED to the publisher
+//! first and RING_GRANTED(reader) to the subscriber second, so the publisher is already looking
+//! at the subscriber's cursor page (whose slot reads "detached" until the subscriber attaches)
+//! when the subscriber starts reading. See `docs/protocol.md`, "Handoff sequence".
+
+mod stats;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bus_core::frame::{
+    CreatePublisher, CursorGranted, DecodeError, Deliver, ErrorCode, ErrorReply, EvictReason,
+    Evicted, Frame, Header, MAX_FALLBACK_MESSAGE_BYTES, ModeRequest, Msg, PROTOCOL_VERSION,
+    PeerGone, PeerGoneReason, PeerKind, RingGranted, RingRole, Shutdown, ShutdownReason, Subscribe,
+    Subscribed, Transport, Welcome,
+};
+use bus_core::layout::{
+    CURSOR_DETACHED, MIN_DATA_BYTES, Mode, max_message_bytes_for, record_bytes,
+};
+use bus_core::limits::{Limits, MAX_ERROR_MESSAGE_BYTES, MAX_FRAME_BYTES, MAX_TOPIC_BYTES};
+use bus_core::ring::{CursorPage, CursorView, Reader, ReaderSet, RingConfig, StartAt, Writer};
+use bus_core::segment::{
+    Access, create_cursor_page, create_ring, map_cursor_page, map_ring, seal_read_only,
+};
+use bus_core::sys::scm::FdBatch;
+use bus_core::wake::{WakeReceiver, WakeSender, protocol};
+
+use crate::config::TopicDecl;
+use crate::policy::{Op, Policy};
+
+/// A connection, numbered by the driver: unique for the broker's lifetime, never reused.
+pub type ConnId = u64;
+
+/// Credentials of a connection, from SO_PEERCRED at accept (never from a frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Creds {
+    /// Peer pid.
+    pub pid: i32,
+    /// Peer uid.
+    pub uid: u32,
+    /// Peer primary gid.
+    pub gid: u32,
+}
+
+/// What the engine asks the driver to do.
+#[derive(Debug)]
+pub enum Out {
+    /// Send one datagram with these fds attached (the driver must keep the fds alive until the
+    /// send completes; they are shared because one ring fd goes to many subscribers).
+    Send {
+        /// To whom.
+        conn: ConnId,
+        /// The encoded frame.
+        frame: Vec<u8>,
+        /// Fds to attach (SCM_RIGHTS).
+        fds: Vec<Arc<OwnedFd>>,
+    },
+    /// Close the connection after the sends already queued for it. The engine has already
+    /// forgotten it: do not call [`Engine::on_disconnect`] for it afterwards.
+    Close {
+        /// Which.
+        conn: ConnId,
+    },
+    /// Report readability of `fd` with [`Engine::on_wake`]`(token)` (level-triggered).
+    Watch {
+        /// Token to report.
+        token: u64,
+        /// The fd (a wake socket the broker reads, for its datagram subscribers).
+        fd: Arc<OwnedFd>,
+    },
+    /// Stop watching `token`.
+    Unwatch {
+        /// Which.
+        token: u64,
+    },
+}
+
+/// Frames a datagram subscriber may have in flight before the broker stops reading its rings
+/// (its cursor then stays put, which is the back-pressure a reliable publisher feels).
+const DELIVER_CREDIT: u32 = 64;
+/// Messages a datagram publisher may have waiting for ring space before PUBLISH is refused.
+const FALLBACK_BACKLOG: usize = 256;
+/// How often stalled reliable subscribers are looked for (at most once a second: an idle
+/// broker must not wake more often).
+const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How soon a datagram publisher's backlog is retried.
+const BACKLOG_RETRY: Duration = Duration::from_millis(1);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    AwaitingHello { deadline: Instant },
+    Ready,
+}
+
+struct Client {
+    creds: Creds,
+    gids: Vec<u32>,
+    name: String,
+    phase: Phase,
+    transport: Transport,
+    publishers: Vec<u64>,
+    subscribers: Vec<u64>,
+    /// Frames handed to the driver and not yet reported sent.
+    inflight: u32,
+}
+
+struct Topic {
+    id: u64,
+    name: String,
+    mode: Mode,
+    ring_bytes: u64,
+    max_message_bytes: u32,
+    stall_timeout: Duration,
+    declared: bool,
+    /// Ring size and message limit are fixed once declared or once a publisher created a ring;
+    /// a topic made by a subscriber takes them from its first publisher.
+    geometry_fixed: bool,
+    slots: [Option<u64>; bus_core::layout::CURSOR_SLOTS],
+    publishers: Vec<u64>,
+    subscribers: Vec<u64>,
+    evictions: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Life {
+    Pending,
+    Live,
+}
+
+struct Publisher {
+    id: u64,
+    topic: u64,
+    conn: ConnId,
+    slot: u16,
+    transport: Transport,
+    life: Life,
+    ring_fd: Arc<OwnedFd>,
+    /// The broker's read-only view, once live: for stats and stall detection.
+    monitor: Option<Reader>,
+    /// Datagram publishers: the broker is the ring's writer.
+    writer: Option<Writer>,
+    backlog: VecDeque<Vec<u8>>,
+    refused: u64,
+}
+
+struct Fallback {
+    page: Arc<CursorPage>,
+    readers: ReaderSet,
+    wake: WakeReceiver,
+    token: u64,
+    delivered: u64,
+    lost: u64,
+    removed: Vec<u64>,
+    /// Publishers that left: their rings are read to the end, then dropped.
+    gone: Vec<u64>,
+}
+
+struct Subscriber {
+    id: u64,
+    topic: u64,
+    conn: ConnId,
+    delivery: Transport,
+    life: Life,
+    cursor_fd: Arc<OwnedFd>,
+    wake_tx: Arc<OwnedFd>,
+    /// The broker's read-only view of the cursor page, once live.
+    view: Option<CursorView>,
+    /// Datagram subscribers: the broker reads the rings for it.
+    fallback: Option<Fallback>,
+    /// Stall tracking per publisher id: (cursor seen, since when).
+    stall: BTreeMap<u64, (u64, Instant)>,
+}
+
+/// The broker's state: clients, topics, rings.
+pub struct Engine {
+    limits: Limits,
+    policy: Policy,
+    decls: Vec<TopicDecl>,
+    started: Instant,
+    next_id: u64,
+    clients: HashMap<ConnId, Client>,
+    topics: HashMap<u64, Topic>,
+    topic_by_name: HashMap<String, u64>,
+    publishers: HashMap<u64, Publisher>,
+    subscribers: HashMap<u64, Subscriber>,
+    /// Wake token -> datagram subscriber id.
+    tokens: HashMap<u64, u64>,
+    out: VecDeque<Out>,
+    next_stall_check: Option<Instant>,
+    evictions: u64,
+    now: Instant,
+    scratch: Vec<u8>,
+}
+
+fn mode_of(req: ModeRequest) -> Option<Mode> {
+    match req {
+        ModeRequest::Any => None,
+        ModeRequest::Reliable => Some(Mode::Reliable),
+        ModeRequest::Lossy => Some(Mode::Lossy),
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Reliable => "reliable",
+        Mode::Lossy => "lossy",
+    }
+}
+
+/// Cuts a message to what an ERROR frame may carry, on a character boundary.
+fn clip(msg: &str) -> &str {
+    &msg[..msg.floor_char_boundary(MAX_ERROR_MESSAGE_BYTES)]
+}
+
+/// An error to send back for one request.
+struct Reject {
+    code: ErrorCode,
+    message: String,
+}
+
+fn reject(code: ErrorCode, message: impl Into<String>) -> Reject {
+    Reject {
+        code,
+        message: message.into(),
+    }
+}
+
+impl Engine {
+    /// A new engine: limits and declared topics from the config, and the policy in force.
+    pub fn new(limits: Limits, topics: Vec<TopicDecl>, policy: Policy) -> Engine {
+        let now = Instant::now();
+        let mut e = Engine {
+            limits,
+            policy,
+            decls: topics,
+            started: now,
+            next_id: 1,
+            clients: HashMap::new(),
+            topics: HashMap::new(),
+            topic_by_name: HashMap::new(),
+            publishers: HashMap::new(),
+            subscribers: HashMap::new(),
+            tokens: HashMap::new(),
+            out: VecDeque::new(),
+            next_stall_check: None,
+            evictions: 0,
+            now,
+            scratch: Vec::with_capacity(MAX_FRAME_BYTES),
+        };
+        for d in e.decls.clone() {
+            let id = e.alloc_id();
+            e.insert_topic(Topic {
+                id,
+                name: d.name.clone(),
+                mode: d.mode,
+                ring_bytes: d.ring_bytes,
+                max_message_bytes: d.max_message_bytes,
+                stall_timeout: Duration::from_millis(d.stall_timeout_ms.into()),
+                declared: true,
+                geometry_fixed: true,
+                slots: [None; bus_core::layout::CURSOR_SLOTS],
+                publishers: Vec::new(),
+                subscribers: Vec::new(),
+                evictions: 0,
+            });
+        }
+        e
+    }
+
+    /// Replaces the policy (SIGHUP reload succeeded). Existing publishers and subscribers stay.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    /// Number of connected clients.
+    pub fn client_count(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// The next action for the driver.
+    pub fn poll_out(&mut self) -> Option<Out> {
+        self.out.pop_front()
+    }
+
+    fn alloc_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn insert_topic(&mut self, t: Topic) {
+        self.topic_by_name.insert(t.name.clone(), t.id);
+        self.topics.insert(t.id, t);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Sending
+    // -----------------------------------------------------------------------------------------
+
+    fn send(&mut self, conn: ConnId, request_id: u64, msg: Msg<'_>, fds: Vec<Arc<OwnedFd>>) {
+        let frame = Frame { request_id, msg };
+        let mut buf = Vec::new();
+        match frame.encode(&mut buf) {
+            Ok(_) => {
+                if let Some(c) = self.clients.get_mut(&conn) {
+                    c.inflight += 1;
+                }
+                self.out.push_back(Out::Send {
+                    conn,
+                    frame: buf,
+                    fds,
+                });
+            }
+            // Our own frames always encode; a failure is a bug worth a loud log, not a crash.
+            Err(e) => tracing::error!(conn, ?e, "cannot encode {:?}", frame.msg_type()),
+        }
+    }
+
+    fn send_error(&mut self, conn: ConnId, request_id: u64, code: ErrorCode, message: &str) {
+        tracing::debug!(conn, request_id, %code, message, "error reply");
+        self.send(
+            conn,
+            request_id,
+            Msg::Error(ErrorReply {
+                code,
+                message: clip(message),
+            }),
+            Vec::new(),
+        );
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        self.forget_client(conn, PeerGoneReason::ProtocolError);
+        self.out.push_back(Out::Close { conn });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Events
+    // -----------------------------------------------------------------------------------------
+
+    /// A connection was accepted. Returns false if it was refused (an error frame and a Close
+    /// are queued).
+    pub fn on_connect(&mut self, conn: ConnId, creds: Creds, now: Instant) -> bool {
+        self.now = now;
+        let client = Client {
+            creds,
+            gids: self.policy.client_gids(creds.uid, creds.gid),
+            name: String::new(),
+            phase: Phase::AwaitingHello {
+                deadline: now + Duration::from_millis(self.limits.handshake_timeout_ms.into()),
+            },
+            transport: Transport::Shm,
+            publishers: Vec::new(),
+            subscribers: Vec::new(),
+            inflight: 0,
+        };
+        let full = self.clients.len() >= self.limits.max_clients as usize;
+        self.clients.insert(conn, client);
+        if full {
+            let msg = format!(
+                "the broker has {} clients, its limit (limits.max_clients); raise it in the \
+                 broker config or close idle clients",
+                self.limits.max_clients
+            );
+            self.send_error(conn, 0, ErrorCode::LimitReached, &msg);
+            self.close(conn);
+            return false;
+        }
+        true
+    }
+
+    /// The driver saw a framing violation it handles itself (MSG_CTRUNC, MSG_TRUNC, a datagram
+    /// over the frame limit). The engine queues an error frame and a Close.
+    pub fn on_protocol_violation(&mut self, conn: ConnId, what: &str) {
+        if !self.clients.contains_key(&conn) {
+            return;
+        }
+        tracing::info!(conn, what, "protocol violation: disconnecting");
+        self.send_error(conn, 0, ErrorCode::BadFrame, what);
+        self.close(conn);
+    }
+
+    /// The peer closed or reset the connection.
+    pub fn on_disconnect(&mut self, conn: ConnId) {
+        self.forget_client(conn, PeerGoneReason::Disconnected);
+    }
+
+    /// `frames` sends to `conn` completed (frees send credit).
+    pub fn on_sent(&mut self, conn: ConnId, frames: u32) {
+        let Some(c) = self.clients.get_mut(&conn) else {
+            return;
+        };
+        c.inflight = c.inflight.saturating_sub(frames);
+        let subs = c.subscribers.clone();
+        for sid in subs {
+            self.pump_fallback(sid);
+        }
+    }
+
+    /// A watched fd is readable.
+    pub fn on_wake(&mut self, token: u64) {
+        if let Some(&sid) = self.tokens.get(&token) {
+            if let Some(fb) = self
+                .subscribers
+                .get_mut(&sid)
+                .and_then(|s| s.fallback.as_mut())
+            {
+                fb.wake.drain();
+                protocol::unpark(fb.page.park_word());
+            }
+            self.pump_fallback(sid);
+        }
+    }
+
+    /// Time passed; call at [`Engine::next_deadline`] (or later).
+    pub fn on_tick(&mut self, now: Instant) {
+        self.now = now;
+        let expired: Vec<ConnId> = self
+            .clients
+            .iter()
+            .filter_map(|(&conn, c)| match c.phase {
+                Phase::AwaitingHello { deadline } if deadline <= now => Some(conn),
+                _ => None,
+            })
+            .collect();
+        for conn in expired {
+            let msg = format!(
+                "no HELLO within {} ms of connecting; send HELLO first",
+                self.limits.handshake_timeout_ms
+            );
+            self.send_error(conn, 0, ErrorCode::Timeout, &msg);
+            self.close(conn);
+        }
+        let backlogged: Vec<u64> = self
+            .publishers
+            .values()
+            .filter(|p| !p.backlog.is_empty())
+            .map(|p| p.id)
+            .collect();
+        for pid in backlogged {
+            self.flush_backlog(pid);
+        }
+        if !self.needs_stall_checks() {
+            self.next_stall_check = None;
+        } else {
+            match self.next_stall_check {
+                Some(t) if t <= now => {
+                    self.check_stalls(now);
+                    self.next_stall_check = Some(now + STALL_CHECK_EVERY);
+                }
+                Some(_) => {}
+                None => self.next_stall_check = Some(now + STALL_CHECK_EVERY),
+            }
+        }
+        let fallback_subs: Vec<u64> = self
+            .subscribers
+            .values()
+            .filter(|s| s.fallback.is_some())
+            .map(|s| s.id)
+            .collect();
+        for sid in fallback_subs {
+            self.pump_fallback(sid);
+        }
+    }
+
+    /// When the engine next needs [`Engine::on_tick`]; `None`: not until another event.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let handshake = self
+            .clients
+            .values()
+            .filter_map(|c| match c.phase {
+                Phase::AwaitingHello { deadline } => Some(deadline),
+                Phase::Ready => None,
+            })
+            .min();
+        let backlog = self
+            .publishers
+            .values()
+            .any(|p| !p.backlog.is_empty())
+            .then(|| self.now + BACKLOG_RETRY);
+        let stall = if self.needs_stall_checks() {
+            Some(
+                self.next_stall_check
+                    .unwrap_or(self.now + STALL_CHECK_EVERY),
+            )
+        } else {
+            None
+        };
+        [handshake, backlog, stall].into_iter().flatten().min()
+    }
+
+    fn needs_stall_checks(&self) -> bool {
+        self.topics.values().any(|t| {
+            t.mode == Mode::Reliable && !t.publishers.is_empty() && !t.subscribers.is_empty()
+        })
+    }
+
+    /// Starts a graceful shutdown: SHUTDOWN to every client, then Close each.
+    pub fn begin_shutdown(&mut self, message: &str) {
+        let conns: Vec<ConnId> = self.clients.keys().copied().collect();
+        for conn in conns {
+            self.send(
+                conn,
+                0,
+                Msg::Shutdown(Shutdown {
+                    reason: ShutdownReason::Requested,
+                    message: clip(message),
+                }),
+                Vec::new(),
+            );
+            self.forget_client(conn, PeerGoneReason::Disconnected);
+            self.out.push_back(Out::Close { conn });
+        }
+    }
+
+    /// One datagram arrived on `conn`, with the fds that came with it (already `OwnedFd`s).
+    /// Client requests never carry fds in protocol version 1: any that came are closed.
+    pub fn on_frame(&mut self, conn: ConnId, datagram: &[u8], fds: &mut FdBatch, now: Instant) {
+        self.now = now;
+        let got_fds = fds.len();
+        fds.clear();
+        if !self.clients.contains_key(&conn) {
+            return;
+        }
+        let frame = match Frame::decode(datagram) {
+            Ok(f) => f,
+            Err(e) => return self.bad_frame(conn, datagram, e),
+        };
+        if got_fds != 0 || frame.fd_count() != 0 {
+            let msg = format!(
+                "{} arrived with {got_fds} fds attached (header says {}); clients send no fds \
+                 in protocol version {PROTOCOL_VERSION}; they were closed",
+                frame.msg_type(),
+                frame.fd_count()
+            );
+            return self.send_error(conn, frame.request_id, ErrorCode::BadFds, &msg);
+        }
+        let phase = self.clients[&conn].phase;
+        if let (Phase::AwaitingHello { .. }, m) = (phase, &frame.msg)
+            && !matches!(m, Msg::Hello(_))
+        {
+            let msg = format!(
+                "{} before HELLO; the first frame on a connection must be HELLO",
+                frame.msg_type()
+            );
+            return self.send_error(conn, frame.request_id, ErrorCode::HandshakeRequired, &msg);
+        }
+        let rid = frame.request_id;
+        let result = match frame.msg {
+            Msg::Hello(h) => self.hello(conn, rid, h),
+            Msg::Ping { token } => {
+                self.send(conn, rid, Msg::Pong { token }, Vec::new());
+                Ok(())
+            }
+            Msg::CreatePublisher(req) => self.create_publisher(conn, rid, req),
+            Msg::PublisherReady { publisher_id } => self.publisher_ready(conn, rid, publisher_id),
+            Msg::ClosePublisher { publisher_id } => self.close_publisher(conn, rid, publisher_id),
+            Msg::Subscribe(req) => self.subscribe(conn, rid, req),
+            Msg::SubscriberReady { subscriber_id } => {
+                self.subscriber_ready(conn, rid, subscriber_id)
+            }
+            Msg::Unsubscribe { subscriber_id } => self.unsubscribe(conn, rid, subscriber_id),
+            Msg::Publish(p) => self.publish(conn, p.publisher_id, p.payload),
+            Msg::StatsRequest => {
+                self.stats(conn, rid);
+                Ok(())
+            }
+            Msg::Pong { .. } => Ok(()),
+            other @ (Msg::Welcome(_)
+            | Msg::Error(_)
+            | Msg::Ok
+            | Msg::Shutdown(_)
+            | Msg::RingGranted(_)
+            | Msg::CursorGranted(_)
+            | Msg::Subscribed(_)
+            | Msg::PeerGone(_)
+            | Msg::Evicted(_)
+            | Msg::Deliver(_)
+            | Msg::StatsReply(_)) => Err(reject(
+                ErrorCode::InvalidRequest,
+                format!("{} is sent by the broker, not to it", other.msg_type()),
+            )),
+        };
+        if let Err(r) = result
+            && self.clients.contains_key(&conn)
+        {
+            self.send_error(conn, rid, r.code, &r.message);
+        }
+    }
+
+    fn bad_frame(&mut self, conn: ConnId, datagram: &[u8], e: DecodeError) {
+        let rid = Header::parse(datagram).map(|h| h.request_id).unwrap_or(0);
+        let code = match e {
+            DecodeError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            _ => ErrorCode::BadFrame,
+        };
+        let msg = format!("{e}; see docs/protocol.md for the frame format");
+        self.send_error(conn, rid, code, &msg);
+        if e.breaks_framing() {
+            self.close(conn);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Requests
+    // -----------------------------------------------------------------------------------------
+
+    fn hello(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        h: bus_core::frame::Hello<'_>,
+    ) -> Result<(), Reject> {
+        if h.protocol_version != u16::from(PROTOCOL_VERSION) {
+            let msg = format!(
+                "client speaks protocol version {}, this broker speaks {PROTOCOL_VERSION}; use a \
+                 client and broker from the same membus release",
+                h.protocol_version
+            );
+            self.send_error(conn, rid, ErrorCode::UnsupportedVersion, &msg);
+            self.close(conn);
+            return Ok(());
+        }
+        let c = self.clients.get_mut(&conn).expect("checked by on_frame");
+        if c.phase == Phase::Ready {
+            return Err(reject(
+                ErrorCode::InvalidRequest,
+                "HELLO was already sent on this connection",
+            ));
+        }
+        c.phase = Phase::Ready;
+        c.name = h.client_name.to_owned();
+        c.transport = h.transport;
+        tracing::debug!(conn, pid = c.creds.pid, uid = c.creds.uid, name = %c.name, "hello");
+        let version = concat!("bus-broker ", env!("CARGO_PKG_VERSION"));
+        let welcome = Welcome {
+            protocol_version: u16::from(PROTOCOL_VERSION),
+            client_id: conn,
+            max_frame_bytes: MAX_FRAME_BYTES as u32,
+            max_fallback_message_bytes: MAX_FALLBACK_MESSAGE_BYTES as u32,
+            default_ring_bytes: self.limits.default_ring_bytes,
+            max_ring_bytes: self.limits.max_ring_bytes,
+            max_topic_bytes: MAX_TOPIC_BYTES as u16,
+            broker_version: version,
+        };
+        self.send(conn, rid, Msg::Welcome(welcome), Vec::new());
+        Ok(())
+    }
+
+    fn authorize(&self, conn: ConnId, op: Op, topic: &str) -> Result<(), Reject> {
+        let c = &self.clients[&conn];
+        self.policy
+            .check(op, topic, c.creds.uid, &c.gids)
+            .map_err(|d| {
+                let code = match d.reason {
+                    crate::policy::DenyReason::BadTopic(_) => ErrorCode::BadTopic,
+                    _ => ErrorCode::NotAllowed,
+                };
+                reject(code, d.to_string())
+            })
+    }
+
+    /// Finds or creates a topic, checking the request against its settings.
+    fn topic_for(
+        &mut self,
+        name: &str,
+        mode: ModeRequest,
+        ring_bytes: u64,
+        max_message_bytes: u32,
+    ) -> Result<u64, Reject> {
+        if let Some(&id) = self.topic_by_name.get(name) {
+            if !self.topics[&id].geometry_fixed && (ring_bytes != 0 || max_message_bytes != 0) {
+                let (ring, max) = self.geometry(ring_bytes, max_message_bytes)?;
+                let t = self.topics.get_mut(&id).expect("exists");
+                (t.ring_bytes, t.max_message_bytes, t.geometry_fixed) = (ring, max, true);
+            }
+            let t = &self.topics[&id];
+            if let Some(m) = mode_of(mode)
+                && m != t.mode
+            {
+                return Err(reject(
+                    ErrorCode::TopicConflict,
+                    format!(
+                        "topic '{name}' is {}, the request asks for {}; ask for mode any, or use \
+                         another topic",
+                        mode_name(t.mode),
+                        mode_name(m)
+                    ),
+                ));
+            }
+            if ring_bytes != 0 && ring_bytes.next_power_of_two() != t.ring_bytes {
+                return Err(reject(
+                    ErrorCode::TopicConflict,
+                    format!(
+                        "topic '{name}' has {} ring bytes, the request asks for {ring_bytes}; ask \
+                         for 0 (the topic's size)",
+                        t.ring_bytes
+                    ),
+                ));
+            }
+            if max_message_bytes > t.max_message_bytes {
+                return Err(reject(
+                    ErrorCode::TopicConflict,
+                    format!(
+                        "topic '{name}' carries messages of at most {} bytes, the request asks \
+                         for {max_message_bytes}",
+                        t.max_message_bytes
+                    ),
+                ));
+            }
+            return Ok(id);
+        }
+        if self.topics.len() >= self.limits.max_topics as usize {
+            return Err(reject(
+                ErrorCode::LimitReached,
+                format!(
+                    "the broker has {} topics, its limit (limits.max_topics)",
+                    self.limits.max_topics
+                ),
+            ));
+        }
+        let (ring, max) = self.geometry(ring_bytes, max_message_bytes)?;
+        let id = self.alloc_id();
+        let stall = self.limits.stall_timeout_ms;
+        self.insert_topic(Topic {
+            id,
+            name: name.to_owned(),
+            mode: mode_of(mode).unwrap_or(Mode::Reliable),
+            ring_bytes: ring,
+            max_message_bytes: max,
+            stall_timeout: Duration::from_millis(stall.into()),
+            declared: false,
+            geometry_fixed: ring_bytes != 0 || max_message_bytes != 0,
+            slots: [None; bus_core::layout::CURSOR_SLOTS],
+            publishers: Vec::new(),
+            subscribers: Vec::new(),
+            evictions: 0,
+        });
+        tracing::info!(topic = name, ring, "topic created");
+        Ok(id)
+    }
+
+    /// Ring size and message limit for a request (0 = defaults), checked against the limits.
+    fn geometry(&self, ring_bytes: u64, max_message_bytes: u32) -> Result<(u64, u32), Reject> {
+        let ring = if ring_bytes == 0 {
+            self.limits.default_ring_bytes
+        } else {
+            ring_bytes.max(MIN_DATA_BYTES as u64).next_power_of_two()
+        };
+        if ring > self.limits.max_ring_bytes {
+            return Err(reject(
+                ErrorCode::TooLarge,
+                format!(
+                    "a ring of {ring} bytes exceeds the broker's limit of {} (limits.max_ring_bytes)",
+                    self.limits.max_ring_bytes
+                ),
+            ));
+        }
+        let fit = max_message_bytes_for(ring as usize) as u32;
+        if max_message_bytes > fit {
+            return Err(reject(
+                ErrorCode::TooLarge,
+                format!(
+                    "messages of {max_message_bytes} bytes need a ring of at least {} bytes; ask \
+                     for a larger ring",
+                    (u64::from(max_message_bytes) * 2 + 64).next_power_of_two()
+                ),
+            ));
+        }
+        Ok((
+            ring,
+            if max_message_bytes == 0 {
+                fit
+            } else {
+                max_message_bytes
+            },
+        ))
+    }
+
+    fn ring_config(&self, p: &Publisher) -> RingConfig {
+        let t = &self.topics[&p.topic];
+        RingConfig {
+            mode: t.mode,
+            data_bytes: t.ring_bytes,
+            max_message_bytes: t.max_message_bytes,
+            publisher_id: p.id,
+        }
+    }
+
+    fn create_publisher(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        req: CreatePublisher<'_>,
+    ) -> Result<(), Reject> {
+        self.authorize(conn, Op::Publish, req.topic)?;
+        if self.clients[&conn].transport == Transport::Datagram && req.transport == Transport::Shm {
+            return Err(reject(
+                ErrorCode::InvalidRequest,
+                "this connection said HELLO with datagram transport: it cannot receive a ring; \
+                 ask for a datagram publisher",
+            ));
+        }
+        let tid = self.topic_for(
+            req.topic,
+            req.mode,
+            req.ring_data_bytes,
+            req.max_message_bytes,
+        )?;
+        let limit =
+            (self.limits.max_publishers_per_topic as usize).min(bus_core::layout::CURSOR_SLOTS);
+        let topic = &self.topics[&tid];
+        let slot = topic.slots[..limit].iter().position(Option::is_none).ok_or_else(|| {
+            reject(
+                ErrorCode::LimitReached,
+                format!(
+                    "topic '{}' has {limit} publishers, the limit (limits.max_publishers_per_topic)",
+                    req.topic
+                ),
+            )
+        })?;
+        let (ring_bytes, mode, max_msg) = (topic.ring_bytes, topic.mode, topic.max_message_bytes);
+        let pid = self.alloc_id();
+        let name = format!("membus:{}:p{pid}", req.topic);
+        let ring_fd = create_ring(&name, ring_bytes as usize)
+            .map_err(|e| reject(ErrorCode::Internal, format!("cannot create the ring: {e}")))?;
+        let mut p = Publisher {
+            id: pid,
+            topic: tid,
+            conn,
+            slot: slot as u16,
+            transport: req.transport,
+            life: Life::Pending,
+            ring_fd: Arc::new(ring_fd),
+            monitor: None,
+            writer: None,
+            backlog: VecDeque::new(),
+            refused: 0,
+        };
+        let grant = RingGranted {
+            role: if req.transport == Transport::Shm {
+                RingRole::Writer
+            } else {
+                RingRole::Fallback
+            },
+            mode,
+            slot: slot as u16,
+            max_message_bytes: max_msg,
+            topic_id: tid,
+            publisher_id: pid,
+            subscriber_id: 0,
+            data_bytes: ring_bytes,
+        };
+        if req.transport == Transport::Datagram {
+            // The broker is this ring's writer.
+            let cfg = RingConfig {
+                mode,
+                data_bytes: ring_bytes,
+                max_message_bytes: max_msg,
+                publisher_id: pid,
+            };
+            let writer = map_ring(&*p.ring_fd, ring_bytes as usize, Access::ReadWrite)
+                .map_err(|e| e.to_string())
+                .and_then(|m| Writer::create(m, cfg).map_err(|e| e.to_string()))
+                .map_err(|e| {
+                    reject(
+                        ErrorCode::Internal,
+                        format!("cannot set up the relay ring: {e}"),
+                    )
+                })?;
+            p.writer = Some(writer);
+        }
+        let topic = self.topics.get_mut(&tid).expect("exists");
+        topic.slots[slot] = Some(pid);
+        topic.publishers.push(pid);
+        self.clients
+            .get_mut(&conn)
+            .expect("exists")
+            .publishers
+            .push(pid);
+        let fds = if req.transport == Transport::Shm {
+            vec![p.ring_fd.clone()]
+        } else {
+            Vec::new()
+        };
+        self.publishers.insert(pid, p);
+        self.send(conn, rid, Msg::RingGranted(grant), fds);
+        if req.transport == Transport::Datagram {
+            self.make_publisher_live(pid, None)?;
+        }
+        Ok(())
+    }
+
+    fn own_publisher(&self, conn: ConnId, pid: u64) -> Result<(), Reject> {
+        match self.publishers.get(&pid) {
+            Some(p) if p.conn == conn => Ok(()),
+            _ => Err(reject(
+                ErrorCode::NoSuchId,
+                format!("no publisher {pid} on this connection"),
+            )),
+        }
+    }
+
+    fn publisher_ready(&mut self, conn: ConnId, rid: u64, pid: u64) -> Result<(), Reject> {
+        self.own_publisher(conn, pid)?;
+        if self.publishers[&pid].life == Life::Live {
+            return Err(reject(
+                ErrorCode::InvalidRequest,
+                format!("publisher {pid} is already ready"),
+            ));
+        }
+        if let Err(r) = self.make_publisher_live(pid, Some((conn, rid))) {
+            // The ring is unusable (bad header): the publisher is dropped.
+            self.remove_publisher(pid, PeerGoneReason::ProtocolError);
+            return Err(r);
+        }
+        Ok(())
+    }
+
+    /// Seals the ring, checks its header, acknowledges (`ack`: the request to answer OK), and
+    /// introduces the publisher to every live subscriber: the reply comes before the events.
+    fn make_publisher_live(&mut self, pid: u64, ack: Option<(ConnId, u64)>) -> Result<(), Reject> {
+        let p = &self.publishers[&pid];
+        let cfg = self.ring_config(p);
+        let fd = p.ring_fd.clone();
+        seal_read_only(&*fd)
+            .map_err(|e| reject(ErrorCode::BadSegment, format!("cannot seal the ring: {e}")))?;
+        let monitor = map_ring(&*fd, cfg.data_bytes as usize, Access::ReadOnly)
+            .map_err(|e| e.to_string())
+            .and_then(|m| Reader::attach(m, cfg, None, StartAt::Next).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                reject(
+                    ErrorCode::BadSegment,
+                    format!(
+                        "the ring's header is not what was granted ({e}); initialise it with \
+                             bus_core::ring::Writer::create before PUBLISHER_READY"
+                    ),
+                )
+            })?;
+        if let Some((conn, rid)) = ack {
+            self.send(conn, rid, Msg::Ok, Vec::new());
+        }
+        let p = self.publishers.get_mut(&pid).expect("exists");
+        p.monitor = Some(monitor);
+        p.life = Life::Live;
+        let topic = p.topic;
+        let subs: Vec<u64> = self.topics[&topic]
+            .subscribers
+            .iter()
+            .copied()
+            .filter(|s| self.subscribers[s].life == Life::Live)
+            .collect();
+        for sid in subs {
+            self.connect_pair(pid, sid);
+        }
+        tracing::info!(publisher = pid, topic = %self.topics[&topic].name, "publisher live");
+        Ok(())
+    }
+
+    /// Introduces a live publisher and a live subscriber: the publisher gets the cursor page
+    /// first, then the subscriber gets the ring.
+    fn connect_pair(&mut self, pid: u64, sid: u64) {
+        let p = &self.publishers[&pid];
+        let s = &self.subscribers[&sid];
+        let cfg = self.ring_config(p);
+        let (pconn, slot, topic) = (p.conn, p.slot, p.topic);
+        let (sconn, delivery) = (s.conn, s.delivery);
+        let (cursor_fd, wake_tx, ring_fd) =
+            (s.cursor_fd.clone(), s.wake_tx.clone(), p.ring_fd.clone());
+
+        if cfg.mode == Mode::Reliable && self.next_stall_check.is_none() {
+            self.next_stall_check = Some(self.now + STALL_CHECK_EVERY);
+        }
+
+        // 1. The publisher starts watching the subscriber's cursor page.
+        if self.publishers[&pid].writer.is_some() {
+            let view = map_cursor_page(&*cursor_fd, Access::ReadOnly)
+                .map_err(|e| e.to_string())
+                .and_then(|m| CursorView::attach(m, sid).map_err(|e| e.to_string()));
+            let wake = rustix::io::fcntl_dupfd_cloexec(&*wake_tx, 0).map(WakeSender::from_fd);
+            match (view, wake) {
+                (Ok(view), Ok(wake)) => {
+                    let w = self
+                        .publishers
+                        .get_mut(&pid)
+                        .and_then(|p| p.writer.as_mut())
+                        .expect("relay");
+                    if let Err(e) = w.add_reader(view, slot as usize, Some(wake)) {
+                        tracing::warn!(publisher = pid, subscriber = sid, %e, "relay cannot track subscriber");
+                    }
+                }
+                (Err(e), _) => tracing::warn!(subscriber = sid, %e, "cursor page unusable"),
+                (_, Err(e)) => tracing::warn!(subscriber = sid, %e, "cannot dup wake socket"),
+            }
+        } else {
+            let grant = CursorGranted {
+                topic_id: topic,
+                publisher_id: pid,
+                subscriber_id: sid,
+                slot,
+            };
+            self.send(
+                pconn,
+                0,
+                Msg::CursorGranted(grant),
+                vec![cursor_fd, wake_tx],
+            );
+        }
+
+        // 2. The subscriber gets the ring.
+        if delivery == Transport::Datagram {
+            let attach = map_ring(&*ring_fd, cfg.data_bytes as usize, Access::ReadOnly)
+                .map_err(|e| e.to_string())
+                .and_then(|m| {
+                    let fb = self.subscribers[&sid]
+                        .fallback
+                        .as_ref()
+                        .expect("datagram subscriber");
+                    Reader::attach(
+                        m,
+                        cfg,
+                        Some((fb.page.clone(), slot as usize)),
+                        StartAt::Next,
+                    )
+                    .map_err(|e| e.to_string())
+                });
+            match attach {
+                Ok(reader) => {
+                    let fb = self
+                        .subscribers
+                        .get_mut(&sid)
+                        .and_then(|s| s.fallback.as_mut())
+                        .expect("datagram");
+                    fb.readers.insert(reader);
+                }
+                Err(e) => {
+                    tracing::warn!(publisher = pid, subscriber = sid, %e, "relay cannot read ring")
+                }
+            }
+        } else {
+            let grant = RingGranted {
+                role: RingRole::Reader,
+                mode: cfg.mode,
+                slot,
+                max_message_bytes: cfg.max_message_bytes,
+                topic_id: topic,
+                publisher_id: pid,
+                subscriber_id: sid,
+                data_bytes: cfg.data_bytes,
+            };
+            self.send(sconn, 0, Msg::RingGranted(grant), vec![ring_fd]);
+        }
+    }
+
+    fn close_publisher(&mut self, conn: ConnId, rid: u64, pid: u64) -> Result<(), Reject> {
+        self.own_publisher(conn, pid)?;
+        self.remove_publisher(pid, PeerGoneReason::Closed);
+        self.send(conn, rid, Msg::Ok, Vec::new());
+        Ok(())
+    }
+
+    fn remove_publisher(&mut self, pid: u64, reason: PeerGoneReason) {
+        let Some(mut p) = self.publishers.remove(&pid) else {
+            return;
+        };
+        if let Some(w) = p.writer.take() {
+            // Datagram publisher: its ring is drained by subscribers like any other.
+            w.close();
+        }
+        if let Some(c) = self.clients.get_mut(&p.conn) {
+            c.publishers.retain(|&x| x != pid);
+        }
+        let Some(t) = self.topics.get_mut(&p.topic) else {
+            return;
+        };
+        t.publishers.retain(|&x| x != pid);
+        t.slots[p.slot as usize] = None;
+        let topic = t.id;
+        let subs = t.subscribers.clone();
+        if p.life == Life::Live {
+            for sid in subs {
+                let Some(s) = self.subscribers.get(&sid) else {
+                    continue;
+                };
+                if s.life != Life::Live {
+                    continue;
+                }
+                if s.delivery == Transport::Shm {
+                    let gone = PeerGone {
+                        topic_id: topic,
+                        peer: PeerKind::Publisher,
+                        peer_id: pid,
+                        reason,
+                    };
+                    let conn = s.conn;
+                    self.send(conn, 0, Msg::PeerGone(gone), Vec::new());
+                } else if let Some(fb) = self
+                    .subscribers
+                    .get_mut(&sid)
+                    .and_then(|s| s.fallback.as_mut())
+                {
+                    // Datagram subscribers read what the publisher left, then drop the ring.
+                    fb.gone.push(pid);
+                    self.pump_fallback(sid);
+                }
+            }
+        }
+        self.maybe_drop_topic(topic);
+    }
+
+    fn maybe_drop_topic(&mut self, tid: u64) {
+        let Some(t) = self.topics.get(&tid) else {
+            return;
+        };
+        if !t.declared && t.publishers.is_empty() && t.subscribers.is_empty() {
+            let t = self.topics.remove(&tid).expect("exists");
+            self.topic_by_name.remove(&t.name);
+            tracing::info!(topic = %t.name, "topic removed (no publishers or subscribers left)");
+        }
+    }
+
+    fn subscribe(&mut self, conn: ConnId, rid: u64, req: Subscribe<'_>) -> Result<(), Reject> {
+        self.authorize(conn, Op::Subscribe, req.topic)?;
+        if self.clients[&conn].transport == Transport::Datagram && req.delivery == Transport::Shm {
+            return Err(reject(
+                ErrorCode::InvalidRequest,
+                "this connection said HELLO with datagram transport: ask for datagram delivery",
+            ));
+        }
+        let tid = self.topic_for(req.topic, req.mode, 0, 0)?;
+        let topic = &self.topics[&tid];
+        if topic.subscribers.len() >= self.limits.max_subscribers_per_topic as usize {
+            return Err(reject(
+                ErrorCode::LimitReached,
+                format!(
+                    "topic '{}' has {} subscribers, the limit (limits.max_subscribers_per_topic)",
+                    req.topic, self.limits.max_subscribers_per_topic
+                ),
+            ));
+        }
+        let mode = topic.mode;
+        let sid = self.alloc_id();
+        let internal = |e: String| reject(ErrorCode::Internal, e);
+        let cursor_fd = create_cursor_page(&format!("membus:{}:s{sid}", req.topic))
+            .map_err(|e| internal(format!("cannot create the cursor page: {e}")))?;
+        let (tx, rx) = bus_core::wake::pair().map_err(|e| internal(e.to_string()))?;
+        let mut s = Subscriber {
+            id: sid,
+            topic: tid,
+            conn,
+            delivery: req.delivery,
+            life: Life::Pending,
+            cursor_fd: Arc::new(cursor_fd),
+            wake_tx: Arc::new(tx.into()),
+            view: None,
+            fallback: None,
+            stall: BTreeMap::new(),
+        };
+        let mut fds = Vec::new();
+        if req.delivery == Transport::Datagram {
+            // The broker is this cursor page's writer.
+            let page = map_cursor_page(&*s.cursor_fd, Access::ReadWrite)
+                .map_err(|e| e.to_string())
+                .and_then(|m| CursorPage::init(m, sid).map_err(|e| e.to_string()))
+                .map_err(|e| internal(format!("cannot set up the relay cursor page: {e}")))?;
+            let token = self.alloc_id();
+            let rx_fd: OwnedFd = rx.into();
+            let rx_dup = rustix::io::fcntl_dupfd_cloexec(&rx_fd, 0)
+                .map_err(|e| internal(format!("cannot dup the wake socket: {e}")))?;
+            let wake = WakeReceiver::from_fd(rx_fd).map_err(|e| internal(e.to_string()))?;
+            self.tokens.insert(token, sid);
+            self.out.push_back(Out::Watch {
+                token,
+                fd: Arc::new(rx_dup),
+            });
+            s.fallback = Some(Fallback {
+                page: Arc::new(page),
+                readers: ReaderSet::new(),
+                wake,
+                token,
+                delivered: 0,
+                lost: 0,
+                removed: Vec::new(),
+                gone: Vec::new(),
+            });
+        } else {
+            fds = vec![s.cursor_fd.clone(), Arc::new(rx.into())];
+        }
+        self.topics
+            .get_mut(&tid)
+            .expect("exists")
+            .subscribers
+            .push(sid);
+        self.clients
+            .get_mut(&conn)
+            .expect("exists")
+            .subscribers
+            .push(sid);
+        self.subscribers.insert(sid, s);
+        let reply = Subscribed {
+            subscriber_id: sid,
+            topic_id: tid,
+            mode,
+            delivery: req.delivery,
+        };
+        self.send(conn, rid, Msg::Subscribed(reply), fds);
+        if req.delivery == Transport::Datagram {
+            self.make_subscriber_live(sid, None)?;
+        }
+        Ok(())
+    }
+
+    fn own_subscriber(&self, conn: ConnId, sid: u64) -> Result<(), Reject> {
+        match self.subscribers.get(&sid) {
+            Some(s) if s.conn == conn => Ok(()),
+            _ => Err(reject(
+                ErrorCode::NoSuchId,
+                format!("no subscriber {sid} on this connection"),
+            )),
+        }
+    }
+
+    fn subscriber_ready(&mut self, conn: ConnId, rid: u64, sid: u64) -> Result<(), Reject> {
+        self.own_subscriber(conn, sid)?;
+        if self.subscribers[&sid].life == Life::Live {
+            return Err(reject(
+                ErrorCode::InvalidRequest,
+                format!("subscriber {sid} is already ready"),
+            ));
+        }
+        if let Err(r) = self.make_subscriber_live(sid, Some((conn, rid))) {
+            self.remove_subscriber(sid, PeerGoneReason::ProtocolError);
+            return Err(r);
+        }
+        Ok(())
+    }
+
+    /// Seals the cursor page, checks it, acknowledges, and introduces the subscriber to every
+    /// live publisher.
+    fn make_subscriber_live(&mut self, sid: u64, ack: Option<(ConnId, u64)>) -> Result<(), Reject> {
+        let fd = self.subscribers[&sid].cursor_fd.clone();
+        seal_read_only(&*fd).map_err(|e| {
+            reject(
+                ErrorCode::BadSegment,
+                format!("cannot seal the cursor page: {e}"),
+            )
+        })?;
+        let view = map_cursor_page(&*fd, Access::ReadOnly)
+            .map_err(|e| e.to_string())
+            .and_then(|m| CursorView::attach(m, sid).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                reject(
+                    ErrorCode::BadSegment,
+                    format!(
+                        "the cursor page is not initialised ({e}); initialise it with \
+                             bus_core::ring::CursorPage::init before SUBSCRIBER_READY"
+                    ),
+                )
+            })?;
+        if let Some((conn, rid)) = ack {
+            self.send(conn, rid, Msg::Ok, Vec::new());
+        }
+        let s = self.subscribers.get_mut(&sid).expect("exists");
+        s.view = Some(view);
+        s.life = Life::Live;
+        let topic = s.topic;
+        let pubs: Vec<u64> = self.topics[&topic]
+            .publishers
+            .iter()
+            .copied()
+            .filter(|p| self.publishers[p].life == Life::Live)
+            .collect();
+        for pid in pubs {
+            self.connect_pair(pid, sid);
+        }
+        self.pump_fallback(sid);
+        tracing::info!(subscriber = sid, topic = %self.topics[&topic].name, "subscriber live");
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, conn: ConnId, rid: u64, sid: u64) -> Result<(), Reject> {
+        self.own_subscriber(conn, sid)?;
+        self.remove_subscriber(sid, PeerGoneReason::Closed);
+        self.send(conn, rid, Msg::Ok, Vec::new());
+        Ok(())
+    }
+
+    fn remove_subscriber(&mut self, sid: u64, reason: PeerGoneReason) {
+        let Some(s) = self.subscribers.remove(&sid) else {
+            return;
+        };
+        if let Some(fb) = &s.fallback {
+            fb.page.close();
+            self.tokens.remove(&fb.token);
+            self.out.push_back(Out::Unwatch { token: fb.token });
+        }
+        if let Some(c) = self.clients.get_mut(&s.conn) {
+            c.subscribers.retain(|&x| x != sid);
+        }
+        let Some(t) = self.topics.get_mut(&s.topic) else {
+            return;
+        };
+        t.subscribers.retain(|&x| x != sid);
+        let topic = t.id;
+        let pubs = t.publishers.clone();
+        if s.life == Life::Live {
+            for pid in pubs {
+                let Some(p) = self.publishers.get_mut(&pid) else {
+                    continue;
+                };
+                if let Some(w) = p.writer.as_mut() {
+                    w.remove_reader(sid);
+                } else if p.life == Life::Live {
+                    let conn = p.conn;
+                    let gone = PeerGone {
+                        topic_id: topic,
+                        peer: PeerKind::Subscriber,
+                        peer_id: sid,
+                        reason,
+                    };
+                    self.send(conn, 0, Msg::PeerGone(gone), Vec::new());
+                }
+            }
+        }
+        self.maybe_drop_topic(topic);
+    }
+
+    fn forget_client(&mut self, conn: ConnId, reason: PeerGoneReason) {
+        let Some(c) = self.clients.remove(&conn) else {
+            return;
+        };
+        for pid in c.publishers {
+            self.remove_publisher(pid, reason);
+        }
+        for sid in c.subscribers {
+            self.remove_subscriber(sid, reason);
+        }
+        tracing::debug!(conn, pid = c.creds.pid, "client gone");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Datagram fallback relay
+    // -----------------------------------------------------------------------------------------
+
+    fn publish(&mut self, conn: ConnId, pid: u64, payload: &[u8]) -> Result<(), Reject> {
+        self.own_publisher(conn, pid)?;
+        let p = self.publishers.get_mut(&pid).expect("checked");
+        let Some(w) = p.writer.as_mut() else {
+            return Err(reject(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "publisher {pid} writes its ring in shared memory; PUBLISH is for datagram publishers"
+                ),
+            ));
+        };
+        let max = w.config().max_message_bytes as usize;
+        if payload.len() > max {
+            return Err(reject(
+                ErrorCode::TooLarge,
+                format!(
+                    "message of {} bytes exceeds this topic's maximum of {max} bytes",
+                    payload.len()
+                ),
+            ));
+        }
+        if p.backlog.is_empty() && w.try_publish(payload).is_ok() {
+            return Ok(());
+        }
+        if p.backlog.len() >= FALLBACK_BACKLOG {
+            p.refused += 1;
+            return Err(reject(
+                ErrorCode::TooSlow,
+                format!(
+                    "the ring is full and {FALLBACK_BACKLOG} messages already wait: a reliable \
+                     subscriber is not keeping up; this message was not published, send it again later"
+                ),
+            ));
+        }
+        p.backlog.push_back(payload.to_vec());
+        Ok(())
+    }
+
+    fn flush_backlog(&mut self, pid: u64) {
+        let Some(p) = self.publishers.get_mut(&pid) else {
+            return;
+        };
+        let Some(w) = p.writer.as_mut() else { return };
+        while let Some(msg) = p.backlog.front() {
+            if w.try_publish(msg).is_err() {
+                break;
+            }
+            p.backlog.pop_front();
+        }
+    }
+
+    /// Moves messages from a datagram subscriber's rings to DELIVER frames, while it has send
+    /// credit. When the rings are empty, parks on its wake socket (announce, look again).
+    fn pump_fallback(&mut self, sid: u64) {
+        enum Step {
+            Sent(Vec<u8>),
+            Skipped,
+            Empty,
+        }
+        loop {
+            let Some(s) = self.subscribers.get_mut(&sid) else {
+                return;
+            };
+            let conn = s.conn;
+            let Some(fb) = s.fallback.as_mut() else {
+                return;
+            };
+            let inflight = self.clients.get(&conn).map_or(u32::MAX, |c| c.inflight);
+            if inflight >= DELIVER_CREDIT {
+                return;
+            }
+            fb.readers.remove_finished(&mut fb.removed);
+            let readers = &mut fb.readers;
+            fb.gone.retain(|&pid| {
+                let drained = readers
+                    .readers()
+                    .iter()
+                    .find(|r| r.publisher_id() == pid)
+                    .is_none_or(|r| !r.has_pending());
+                if drained {
+                    readers.remove(pid);
+                }
+                !drained
+            });
+            let frame = &mut self.scratch;
+            let step = match fb.readers.try_recv() {
+                Ok(Some(sample)) => {
+                    let d = Deliver {
+                        subscriber_id: sid,
+                        publisher_id: sample.publisher_id(),
+                        seq: sample.seq(),
+                        timestamp_ns: sample.timestamp_ns(),
+                        lost_before: sample.lost_before(),
+                        payload: &sample,
+                    };
+                    let ok = Frame {
+                        request_id: 0,
+                        msg: Msg::Deliver(d),
+                    }
+                    .encode(frame)
+                    .is_ok();
+                    // Lossy rings: the copy is only good if the bytes were not overwritten.
+                    if ok && sample.is_intact() {
+                        Step::Sent(frame.clone())
+                    } else {
+                        Step::Skipped
+                    }
+                }
+                Ok(None) => Step::Empty,
+                Err(e) => {
+                    tracing::warn!(subscriber = sid, %e, "dropping a corrupt ring");
+                    Step::Skipped
+                }
+            };
+            match step {
+                Step::Sent(frame) => {
+                    fb.delivered += 1;
+                    if let Some(c) = self.clients.get_mut(&conn) {
+                        c.inflight += 1;
+                    }
+                    self.out.push_back(Out::Send {
+                        conn,
+                        frame,
+                        fds: Vec::new(),
+                    });
+                }
+                Step::Skipped => fb.lost += 1,
+                Step::Empty => {
+                    // Park: announce, then look again before relying on the wake socket.
+                    protocol::announce_park(fb.page.park_word());
+                    if !fb.readers.has_pending() {
+                        return;
+                    }
+                    protocol::unpark(fb.page.park_word());
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Stalled reliable subscribers
+    // -----------------------------------------------------------------------------------------
+
+    fn check_stalls(&mut self, now: Instant) {
+        let mut evict = Vec::new();
+        for t in self.topics.values() {
+            if t.mode != Mode::Reliable {
+                continue;
+            }
+            for &sid in &t.subscribers {
+                let Some(s) = self.subscribers.get_mut(&sid) else {
+                    continue;
+                };
+                let Some(view) = &s.view else { continue };
+                for &pid in &t.publishers {
+                    let Some(p) = self.publishers.get(&pid) else {
+                        continue;
+                    };
+                    let Some(monitor) = &p.monitor else { continue };
+                    let (next_pos, _) = monitor.writer_progress();
+                    let cursor = view.read_pos(p.slot as usize);
+                    if cursor == CURSOR_DETACHED {
+                        s.stall.remove(&pid);
+                        continue;
+                    }
+                    // The writer may be blocked once less than one maximal record fits.
+                    let full = next_pos.saturating_sub(cursor)
+                        + record_bytes(t.max_message_bytes as usize) as u64
+                        > t.ring_bytes;
+                    let entry = s.stall.entry(pid).or_insert((cursor, now));
+                    if entry.0 != cursor || !full {
+                        *entry = (cursor, now);
+                    } else if now.duration_since(entry.1) >= t.stall_timeout {
+                        evict.push((sid, t.id, t.stall_timeout));
+                        break;
+                    }
+                }
+            }
+        }
+        for (sid, tid, limit) in evict {
+            self.evict(sid, tid, limit);
+        }
+    }
+
+    fn evict(&mut self, sid: u64, tid: u64, limit: Duration) {
+        let Some(s) = self.subscribers.get(&sid) else {
+            return;
+        };
+        let conn = s.conn;
+        let name = self
+            .topics
+            .get(&tid)
+            .map_or("?", |t| t.name.as_str())
+            .to_owned();
+        let message = format!(
+            "evicted from '{name}': your cursor did not move for {} ms while a reliable publisher \
+             waited for space; read faster, use a larger ring, or subscribe in lossy mode",
+            limit.as_millis()
+        );
+        tracing::warn!(subscriber = sid, topic = %name, "evicting stalled subscriber");
+        let ev = Evicted {
+            topic_id: tid,
+            subscriber_id: sid,
+            reason: EvictReason::Stalled,
+            message: clip(&message),
+        };
+        self.send(conn, 0, Msg::Evicted(ev), Vec::new());
+        if let Some(t) = self.topics.get_mut(&tid) {
+            t.evictions += 1;
+        }
+        self.evictions += 1;
+        self.remove_subscriber(sid, PeerGoneReason::Evicted);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,169 @@
+//! `bus-broker`: the membus control-plane daemon. See `docs/broker.md`.
+//!
+//! Exit codes: 0 after a clean shutdown (SIGINT, SIGTERM); 2 when nothing was started because the
+//! command line, the environment, the config file or the policy file is wrong; 1 when the broker
+//! could not run (socket in use, bind failed, event loop failed).
+
+use std::error::Error;
+use std::process::ExitCode;
+
+use bus_broker::addr::Listener;
+use bus_broker::cli::Args;
+use bus_broker::config::Settings;
+use bus_broker::driver::{DRIVER_ENV, Driver, DriverChoice, Options};
+use bus_broker::engine::Engine;
+use bus_broker::policy::PolicyHolder;
+use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches};
+
+/// Usage or configuration error: fix the arguments or files.
+const EXIT_USAGE: u8 = 2;
+/// Runtime error.
+const EXIT_RUNTIME: u8 = 1;
+
+fn main() -> ExitCode {
+    let (args, driver) = parse_args();
+    match run(args, driver) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, message }) => {
+            // Logging may not be up yet (or may be filtered): errors always reach stderr.
+            eprintln!("bus-broker: error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+/// The error and its sources, `: `-separated (the sources the message does not already show).
+fn describe(error: &dyn Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn usage(error: impl Error) -> Failure {
+    Failure {
+        code: EXIT_USAGE,
+        message: describe(&error),
+    }
+}
+
+fn runtime(error: impl Error) -> Failure {
+    Failure {
+        code: EXIT_RUNTIME,
+        message: describe(&error),
+    }
+}
+
+fn usage_msg(message: String) -> Failure {
+    Failure {
+        code: EXIT_USAGE,
+        message,
+    }
+}
+
+/// `cli::Args` plus `--driver`, added here so that cli.rs stays about the broker's settings.
+fn parse_args() -> (Args, Option<String>) {
+    let command = Args::command().arg(
+        Arg::new("driver")
+            .long("driver")
+            .value_name("auto|uring|epoll")
+            .help(
+                "Event loop: io_uring, epoll (readiness, for where io_uring is disabled or \
+                 blocked), or auto (io_uring if it works, else epoll) [env: MEMBUS_DRIVER] \
+                 [default: auto]",
+            ),
+    );
+    let matches: ArgMatches = command.get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    (args, matches.get_one::<String>("driver").cloned())
+}
+
+fn run(args: Args, driver_flag: Option<String>) -> Result<(), Failure> {
+    let env = |k: &str| std::env::var_os(k);
+    let uid = rustix::process::geteuid().as_raw();
+    let settings = Settings::resolve(&args, env, uid).map_err(usage)?;
+    bus_broker::log::init(&settings.log).map_err(usage)?;
+    for note in &settings.notes {
+        tracing::warn!("{note}");
+    }
+
+    let choice = match driver_flag {
+        Some(text) => {
+            DriverChoice::parse(&text).map_err(|e| usage_msg(format!("--driver: {e}")))?
+        }
+        None => match env(DRIVER_ENV).filter(|v| !v.is_empty()) {
+            Some(text) => DriverChoice::parse(&text.to_string_lossy())
+                .map_err(|e| usage_msg(format!("{DRIVER_ENV}: {e}")))?,
+            None => DriverChoice::Auto,
+        },
+    };
+
+    let policy = PolicyHolder::load(settings.policy.clone(), uid).map_err(|e| {
+        usage_msg(format!(
+            "policy file rejected: {}; fix it, or remove `policy` from the config to allow \
+                 only uid {uid}",
+            describe(&e)
+        ))
+    })?;
+
+    // Before any thread exists: blocks SIGINT/SIGTERM/SIGHUP for the signalfd.
+    let driver = Driver::new(choice).map_err(runtime)?;
+    if let Some(reason) = driver.fallback_reason() {
+        tracing::warn!(
+            "io_uring is not usable here ({reason}); running on the epoll driver (same \
+             behaviour, more system calls per event)"
+        );
+    }
+
+    let mut listener = match Listener::from_systemd(env).map_err(runtime)? {
+        Some(activated) => activated,
+        None => Listener::bind(&settings.socket, &settings.bind).map_err(runtime)?,
+    };
+
+    let engine = Engine::new(
+        settings.limits.clone(),
+        settings.topics.clone(),
+        policy.policy().clone(),
+    );
+    let options = Options::new(&settings.limits, policy);
+
+    let version = env!("CARGO_PKG_VERSION");
+    let kind = driver.kind();
+    tracing::info!(
+        socket = %listener.addr(),
+        from = %settings.socket_source,
+        driver = %kind,
+        policy = settings.policy.as_ref().map(|p| p.display().to_string()).as_deref().unwrap_or("default (own uid only)"),
+        "bus-broker {version} started"
+    );
+    println!(
+        "bus-broker {version} listening on {} (driver: {kind}, pid {})",
+        listener.addr(),
+        std::process::id()
+    );
+
+    let result = driver.run(&listener, engine, options);
+    listener.cleanup();
+    match result {
+        Ok(()) => {
+            tracing::info!("shut down cleanly");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!("the broker stopped on an error: {e}");
+            Err(runtime(e))
+        }
+    }
+}
