@@ -1,2 +1,52 @@
 //! membus benchmark harness (library half, shared with the `bus bench` command).
+//!
+//! Two real processes per case: the parent re-executes its own binary as the peer
+//! ([`peer::PEER_SUBCOMMAND`]), shares a memfd or a socketpair with it by fd number, pins itself
+//! and the peer to separate CPUs, and measures. Cases run round by round in group order (raw
+//! baselines, membus, peers) so every ratio is taken within one round; see
+//! `docs/benchmarks.md` for the method and PERFORMANCE.md for the floors and targets.
+//!
+//! - [`case`]: [`case::Case`], [`case::Params`], [`case::CaseResult`], ratios.
+//! - [`raw`]: the raw baselines; [`membus`] and [`peers`]: the other groups.
+//! - [`peer`]: spawning and running the second process.
+//! - [`shm`]: the shared memfd mapping (unsafe is allowed there and in [`peer`] only).
+//! - [`measure`]: ping-pong into a histogram, spin-waiting, stream results.
+//! - [`harness`]: rounds, pinning, the watchdog. [`report`] and [`plot`]: the output files.
+//! - [`machine`]: CPU model, SMT, kernel, steal time.
 #![deny(unsafe_code)]
+
+pub mod case;
+pub mod checksum;
+pub mod harness;
+pub mod machine;
+pub mod measure;
+pub mod membus;
+pub mod peer;
+pub mod peers;
+pub mod plot;
+pub mod raw;
+pub mod report;
+pub mod shm;
+
+use case::{Case, Ratio};
+
+/// Every case of every group, in group order.
+pub fn all_cases() -> Vec<Case> {
+    let mut v = raw::cases();
+    v.extend(membus::cases());
+    v.extend(peers::cases());
+    v
+}
+
+/// Every ratio of every group.
+pub fn all_ratios() -> Vec<Ratio> {
+    let mut v = raw::ratios();
+    v.extend(membus::ratios());
+    v.extend(peers::ratios());
+    v
+}
+
+/// The case called `name`, if any.
+pub fn find_case(name: &str) -> Option<Case> {
+    all_cases().into_iter().find(|c| c.name == name)
+}

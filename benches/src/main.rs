@@ -1,4 +1,111 @@
-//! `cargo run -p benches --release -- CASE`: the membus benchmark harness.
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("no benchmark cases yet")
+//! `cargo run -p benches --release -- COMMAND`: the membus benchmark harness.
+//!
+//! ```text
+//! benches list
+//! benches raw    [--quick] [--case NAME]... [--unpinned] [--rounds N] [--out DIR]
+//! benches report [--quick] [--unpinned] [--rounds N] [--out DIR]
+//! ```
+//!
+//! `raw` runs the raw baselines and prints the table (writing files only with `--out`);
+//! `report` runs every group and writes `target/bench-report/` (or `--out DIR`).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use benches::case::{Case, Group, Options};
+use benches::{harness, peer, report};
+
+const USAGE: &str = "usage: benches list
+       benches raw    [--quick] [--case NAME]... [--unpinned] [--rounds N] [--out DIR]
+       benches report [--quick] [--unpinned] [--rounds N] [--out DIR]";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        bail!("{USAGE}");
+    };
+    match cmd.as_str() {
+        peer::PEER_SUBCOMMAND => peer::peer_main(rest),
+        "list" => {
+            for c in benches::all_cases() {
+                println!(
+                    "{:<28} {:<7} {:<10} {:>6} B  {}",
+                    c.name,
+                    c.group.as_str(),
+                    c.kind.as_str(),
+                    c.size,
+                    c.about
+                );
+            }
+            Ok(())
+        }
+        "raw" => run(rest, Some(Group::Raw), false),
+        "report" => run(rest, None, true),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n{USAGE}"),
+    }
+}
+
+fn run(args: &[String], group: Option<Group>, write_by_default: bool) -> Result<()> {
+    let mut opts = Options::new()?;
+    let mut names: Vec<String> = Vec::new();
+    let mut out: Option<PathBuf> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--quick" => opts.quick(),
+            "--unpinned" => opts.unpinned = true,
+            "--case" => names.push(value()?.clone()),
+            "--rounds" => opts.rounds = value()?.parse().context("--rounds N")?,
+            // Undocumented in USAGE: shrinks every count further (the harness's own test runs
+            // debug builds, where the payload loops are slow).
+            "--scale-div" => {
+                let div: u64 = value()?.parse().context("--scale-div N")?;
+                opts.scale_div = div.max(1);
+                opts.stream_scale_div = div.max(1);
+            }
+            "--out" => out = Some(PathBuf::from(value()?)),
+            _ => bail!("unknown option {a:?}\n{USAGE}"),
+        }
+    }
+    let mut cases: Vec<Case> = benches::all_cases()
+        .into_iter()
+        .filter(|c| group.is_none_or(|g| c.group == g))
+        .collect();
+    for n in &names {
+        if !cases.iter().any(|c| c.name == n) {
+            bail!("no case {n:?}; `benches list` shows them");
+        }
+    }
+    if !names.is_empty() {
+        cases.retain(|c| names.iter().any(|n| n == c.name));
+    }
+    if write_by_default && out.is_none() {
+        out = Some(default_out_dir(&opts.peer_exe));
+    }
+    let command = std::iter::once("benches".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let run = harness::run(cases, benches::all_ratios(), &opts, command, &mut |line| {
+        eprintln!("{line}")
+    })?;
+    println!("{}", report::markdown(&run));
+    if let Some(dir) = out {
+        let files = report::write_all(&run, &dir)?;
+        eprintln!("wrote {} files to {}", files.len(), dir.display());
+    }
+    Ok(())
+}
+
+/// `target/bench-report` next to the executable's profile directory (`target/release/benches`).
+fn default_out_dir(exe: &std::path::Path) -> PathBuf {
+    exe.parent()
+        .and_then(|profile| profile.parent())
+        .map_or_else(|| PathBuf::from("target"), PathBuf::from)
+        .join("bench-report")
 }

@@ -313,10 +313,13 @@ pub enum WakeOutcome {
 #[cfg(not(loom))]
 pub fn pair() -> Result<(WakeSender, WakeReceiver), WakeError> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+    // Blocking mode on both ends: every send uses MSG_DONTWAIT and every non-blocking receive
+    // MSG_DONTWAIT, so the only call that blocks is the parked receive, which then costs one
+    // syscall instead of poll + recv.
     let (a, b) = socketpair(
         AddressFamily::UNIX,
         SocketType::DGRAM,
-        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        SocketFlags::CLOEXEC,
         None,
     )
     .map_err(|e| WakeError::Create(e.into()))?;
@@ -349,9 +352,10 @@ impl WakeSender {
 
 #[cfg(not(loom))]
 impl WakeReceiver {
-    /// Wraps a received fd (the broker's SUBSCRIBED). It is switched to non-blocking mode.
+    /// Wraps a received fd (the broker's SUBSCRIBED). It is switched to blocking mode (every
+    /// non-blocking use passes MSG_DONTWAIT; poll, epoll and async runtimes work either way).
     pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
-        rustix::io::ioctl_fionbio(&fd, true)?;
+        rustix::io::ioctl_fionbio(&fd, false)?;
         Ok(WakeReceiver { fd })
     }
 
@@ -366,10 +370,29 @@ impl WakeReceiver {
         n
     }
 
-    /// Blocks until a wake byte arrives or `timeout` passes (`None`: no limit), then drains.
-    /// Returns `true` if woken, `false` on timeout. EINTR is retried with the remaining time.
+    /// Blocks until a wake byte arrives or `timeout` passes (`None`: no limit). Returns `true`
+    /// if woken, `false` on timeout. EINTR is retried with the remaining time.
+    ///
+    /// Without a timeout this is a single blocking `recv` of one wake byte: the parked path's
+    /// only syscall. A publisher sends at most one byte per park announcement, so normally
+    /// nothing is left; a stale byte only causes one spurious wakeup (the caller looks at its
+    /// rings again, as it must anyway).
     pub fn wait(&self, timeout: Option<Duration>) -> Result<bool, WakeError> {
-        wait_readable(self.fd.as_fd(), timeout).map_err(WakeError::Wait)?;
+        use rustix::io::Errno;
+        use rustix::net::{RecvFlags, recv};
+        let Some(timeout) = timeout else {
+            let mut buf = [0u8; 16];
+            loop {
+                match recv(&self.fd, &mut buf[..], RecvFlags::empty()) {
+                    Ok(_) => return Ok(true),
+                    Err(Errno::INTR) => continue,
+                    Err(e) => return Err(WakeError::Wait(e.into())),
+                }
+            }
+        };
+        if !wait_readable(self.fd.as_fd(), Some(timeout)).map_err(WakeError::Wait)? {
+            return Ok(false);
+        }
         Ok(self.drain() > 0)
     }
 }

@@ -1,0 +1,128 @@
+//! Measurement loops shared by every case: ping-pong latency into a histogram, spin-waiting, and
+//! the throughput figure from a peer's DONE.
+
+use anyhow::{Result, ensure};
+use bus_core::sys::clock::monotonic_ns;
+use hdrhistogram::Histogram;
+
+use crate::case::{Params, Throughput};
+use crate::peer::Done;
+
+/// Largest latency a histogram tracks: 60 s in ns (larger values are clamped, never dropped).
+pub const MAX_TRACKABLE_NS: u64 = 60_000_000_000;
+
+/// An empty one-way latency histogram: ns, 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_TRACKABLE_NS, 3).expect("static histogram bounds are valid")
+}
+
+/// Runs `round_trip(i)` for `p.warmup` unrecorded then `p.samples` recorded round trips and
+/// returns the one-way latencies (RTT / 2).
+///
+/// One CLOCK_MONOTONIC read (vDSO, no syscall) per round trip: sample `k` is the time between
+/// the reads before and after round trip `k`, so the clock read itself is inside every sample,
+/// once. Timestamps go to a pre-faulted buffer; the histogram is filled after the loop.
+pub fn pingpong(
+    p: &Params,
+    mut round_trip: impl FnMut(u64) -> Result<()>,
+) -> Result<Histogram<u64>> {
+    for i in 0..p.warmup {
+        round_trip(i)?;
+    }
+    let n = usize::try_from(p.samples)?;
+    let mut stamps: Vec<u64> = Vec::with_capacity(n + 1);
+    // Write every element now so that no page fault lands inside a sample.
+    stamps.resize(n + 1, u64::MAX);
+    stamps[0] = monotonic_ns();
+    for k in 0..n {
+        round_trip(p.warmup + k as u64)?;
+        stamps[k + 1] = monotonic_ns();
+    }
+    let mut h = new_histogram();
+    for w in stamps.windows(2) {
+        h.saturating_record(((w[1] - w[0]) / 2).max(1));
+    }
+    Ok(h)
+}
+
+/// Busy-waits (with the CPU's spin hint) until `ready()` is true.
+#[inline]
+pub fn spin_until(mut ready: impl FnMut() -> bool) {
+    while !ready() {
+        std::hint::spin_loop();
+    }
+}
+
+/// The throughput of a stream the parent started at `start_ns` and the peer finished with
+/// `done`, after checking the peer read exactly what was written.
+pub fn stream_result(
+    p: &Params,
+    start_ns: u64,
+    done: Done,
+    expected_checksum: u64,
+    bytes_per_message: usize,
+) -> Result<Throughput> {
+    ensure!(
+        done.checksum == expected_checksum,
+        "{}: peer read checksum {:#x}, sender wrote {:#x}: payload torn or skipped",
+        p.case,
+        done.checksum,
+        expected_checksum
+    );
+    ensure!(
+        done.end_ns > start_ns,
+        "{}: peer finished before the start",
+        p.case
+    );
+    Ok(Throughput {
+        messages: p.messages,
+        bytes_per_message: bytes_per_message as u64,
+        elapsed_ns: done.end_ns - start_ns,
+    })
+}
+
+/// Checks a checksum the parent accumulated itself (e.g. of the pongs it read).
+pub fn check_sum(p: &Params, what: &str, got: u64, expected: u64) -> Result<()> {
+    ensure!(
+        got == expected,
+        "{}: {what} checksum {got:#x}, expected {expected:#x}: payload torn or skipped",
+        p.case
+    );
+    Ok(())
+}
+
+/// A zeroed heap buffer of `len` bytes starting on a 4 KiB boundary. Socket cases receive into
+/// and send from these, so that the kernel's copies see the same page offsets on every run
+/// (glibc and kernel `rep movsb` copies are much slower for some source/destination offsets;
+/// see `raw::memcpy`).
+#[derive(Debug)]
+pub struct PageBuf {
+    buf: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl PageBuf {
+    /// Page size assumed for alignment.
+    pub const ALIGN: usize = 4096;
+
+    /// A page-aligned zeroed buffer of `len` bytes.
+    pub fn new(len: usize) -> PageBuf {
+        let buf = vec![0u8; len + Self::ALIGN];
+        let off = buf.as_ptr().align_offset(Self::ALIGN);
+        PageBuf { buf, off, len }
+    }
+}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl std::ops::DerefMut for PageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}

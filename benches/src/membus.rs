@@ -1,0 +1,309 @@
+//! membus cases: two processes ping-pong over bus-core rings exactly as the client library uses
+//! them (sealed memfds, reliable mode, registered cursors, the park protocol), so the numbers are
+//! the data plane's own cost without the broker (which is off the data path anyway).
+//!
+//! Segments (the parent creates all of them and passes them to the peer):
+//!
+//! ```text
+//! fd 0  ping ring    written by the parent, read by the peer
+//! fd 1  pong ring    written by the peer, read by the parent
+//! fd 2  cursor page  of the peer (its cursor for the ping ring)
+//! fd 3  cursor page  of the parent (its cursor for the pong ring)
+//! fd 4  wake socket  the peer parks on (the parent's ping writer wakes it)
+//! fd 5  wake socket  the sending end the peer's pong writer wakes the parent with
+//! ```
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use bus_core::layout::{Mode, max_message_bytes_for};
+use bus_core::ring::{CursorPage, CursorView, Reader, RingConfig, StartAt, Writer};
+use bus_core::segment::{
+    Access, create_cursor_page, create_ring, map_cursor_page, map_ring, seal_read_only,
+};
+use bus_core::sys::clock::monotonic_ns;
+use bus_core::wake::{WakeReceiver, WakeSender, pair, protocol};
+
+use crate::case::{Case, CaseResult, Group, Kind, Metric, Params, Pinning, Ratio};
+use crate::checksum::{pattern_byte, pattern_sum, sum};
+use crate::measure::{check_sum, new_histogram, pingpong};
+use crate::peer::{Peer, PeerCtx};
+
+const PING_SALT: u8 = 0x3c;
+const PONG_SALT: u8 = 0xc3;
+const PARENT_SUB: u64 = 1;
+const PEER_SUB: u64 = 2;
+
+/// How a receiver waits for the next record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// Poll the ring.
+    Spin,
+    /// Announce park, look again, block on the wake socket.
+    Park,
+}
+
+fn ring_bytes(size: usize) -> u64 {
+    // Room for a few messages of this size; at least 64 KiB.
+    ((size as u64 + 64) * 8).next_power_of_two().max(64 << 10)
+}
+
+fn config(size: usize, publisher_id: u64) -> RingConfig {
+    let data_bytes = ring_bytes(size);
+    RingConfig {
+        mode: Mode::Reliable,
+        data_bytes,
+        max_message_bytes: max_message_bytes_for(data_bytes as usize) as u32,
+        publisher_id,
+    }
+}
+
+/// Sends one message of `size` bytes, every byte written.
+#[inline]
+fn send(w: &mut Writer, size: usize, byte: u8) -> Result<()> {
+    let mut loan = w
+        .loan(size, Some(Duration::from_secs(10)))
+        .map_err(|e| anyhow!("{e}"))?;
+    loan.fill(byte);
+    loan.commit();
+    Ok(())
+}
+
+/// Receives one message: returns (checksum of every byte, publish timestamp).
+#[inline]
+fn recv(r: &mut Reader, wait: Wait, page: &CursorPage, wake: &WakeReceiver) -> Result<(u64, u64)> {
+    loop {
+        if let Some(s) = r.try_recv().map_err(|e| anyhow!("{e}"))? {
+            return Ok((sum(&s), s.timestamp_ns()));
+        }
+        match wait {
+            Wait::Spin => std::hint::spin_loop(),
+            Wait::Park => {
+                protocol::announce_park(page.park_word());
+                if !r.has_pending() {
+                    // No timeout: one blocking recv. The harness watchdog ends a hung run.
+                    wake.wait(None)?;
+                }
+                protocol::unpark(page.park_word());
+            }
+        }
+    }
+}
+
+fn run(p: &Params, wait: Wait) -> Result<CaseResult> {
+    let size = p.size;
+    let ping_cfg = config(size, 1);
+    let pong_cfg = config(size, 2);
+    let ping_fd = create_ring("bench-ping", ping_cfg.data_bytes as usize)?;
+    let pong_fd = create_ring("bench-pong", pong_cfg.data_bytes as usize)?;
+    let peer_page_fd = create_cursor_page("bench-peer-cursor")?;
+    let own_page_fd = create_cursor_page("bench-parent-cursor")?;
+    let (ping_wake_tx, ping_wake_rx) = pair()?;
+    let (pong_wake_tx, pong_wake_rx) = pair()?;
+
+    let mut ping = Writer::create(
+        map_ring(&ping_fd, ping_cfg.data_bytes as usize, Access::ReadWrite)?,
+        ping_cfg,
+    )?;
+    seal_read_only(&ping_fd)?;
+    let own_page = Arc::new(CursorPage::init(
+        map_cursor_page(&own_page_fd, Access::ReadWrite)?,
+        PARENT_SUB,
+    )?);
+    seal_read_only(&own_page_fd)?;
+
+    let ping_rx_fd: OwnedFd = ping_wake_rx.into();
+    let pong_tx_fd: OwnedFd = pong_wake_tx.into();
+    let fds = [
+        ping_fd.as_fd(),
+        pong_fd.as_fd(),
+        peer_page_fd.as_fd(),
+        own_page_fd.as_fd(),
+        ping_rx_fd.as_fd(),
+        pong_tx_fd.as_fd(),
+    ];
+    let mut peer = Peer::spawn(p, &fds)?;
+    drop((ping_rx_fd, pong_tx_fd));
+    peer.wait_ready()?;
+
+    // The peer has mapped its writable segments: seal them, then look at them read-only.
+    seal_read_only(&peer_page_fd)?;
+    seal_read_only(&pong_fd)?;
+    let view = CursorView::attach(map_cursor_page(&peer_page_fd, Access::ReadOnly)?, PEER_SUB)?;
+    ping.add_reader(view, 0, Some(ping_wake_tx))?;
+    let mut pong = Reader::attach(
+        map_ring(&pong_fd, pong_cfg.data_bytes as usize, Access::ReadOnly)?,
+        pong_cfg,
+        Some((own_page.clone(), 0)),
+        StartAt::Beginning,
+    )?;
+    let pong_wake = pong_wake_rx;
+
+    let mut own = new_histogram();
+    let (mut sent, mut got, mut expected) = (0u64, 0u64, 0u64);
+    let h = pingpong(p, |i| {
+        let byte = pattern_byte(i, PING_SALT);
+        send(&mut ping, size, byte)?;
+        sent = sent.wrapping_add(pattern_sum(byte, size));
+        let (s, ts) = recv(&mut pong, wait, &own_page, &pong_wake)?;
+        let now = monotonic_ns();
+        own.saturating_record(now.saturating_sub(ts).max(1));
+        got = got.wrapping_add(s);
+        expected = expected.wrapping_add(pattern_sum(pattern_byte(i, PONG_SALT), size));
+        Ok(())
+    })?;
+    let done = peer.finish()?;
+    check_sum(p, "pong", got, expected)?;
+    check_sum(p, "ping (read by peer)", done.checksum, sent)?;
+    let mut result = CaseResult::latency(h);
+    result.extra.push((
+        "own_one_way_p50_ns",
+        own.value_at_quantile(0.5) as f64,
+    ));
+    result.extra.push((
+        "own_one_way_p99_ns",
+        own.value_at_quantile(0.99) as f64,
+    ));
+    result.extra.push(("wakes_sent", ping.stats().wakes_sent as f64));
+    Ok(result)
+}
+
+fn peer(mut ctx: PeerCtx, wait: Wait) -> Result<()> {
+    let size = ctx.params.size;
+    let ping_cfg = config(size, 1);
+    let pong_cfg = config(size, 2);
+    let ping_fd = ctx.take_fd(0)?;
+    let pong_fd = ctx.take_fd(1)?;
+    let own_page_fd = ctx.take_fd(2)?;
+    let parent_page_fd = ctx.take_fd(3)?;
+    let wake = WakeReceiver::from_fd(ctx.take_fd(4)?)?;
+    let parent_wake = WakeSender::from_fd(ctx.take_fd(5)?);
+
+    let own_page = Arc::new(CursorPage::init(
+        map_cursor_page(&own_page_fd, Access::ReadWrite)?,
+        PEER_SUB,
+    )?);
+    let mut pong = Writer::create(
+        map_ring(&pong_fd, pong_cfg.data_bytes as usize, Access::ReadWrite)?,
+        pong_cfg,
+    )?;
+    let view = CursorView::attach(
+        map_cursor_page(&parent_page_fd, Access::ReadOnly)?,
+        PARENT_SUB,
+    )?;
+    pong.add_reader(view, 0, Some(parent_wake))?;
+    let mut ping = Reader::attach(
+        map_ring(&ping_fd, ping_cfg.data_bytes as usize, Access::ReadOnly)?,
+        ping_cfg,
+        Some((own_page.clone(), 0)),
+        StartAt::Beginning,
+    )?;
+    ctx.ready()?;
+    let mut got = 0u64;
+    for i in 0..ctx.params.round_trips() {
+        let (s, _) = recv(&mut ping, wait, &own_page, &wake).context("ping")?;
+        got = got.wrapping_add(s);
+        send(&mut pong, size, pattern_byte(i, PONG_SALT))?;
+    }
+    ctx.done(got)
+}
+
+fn spin_run(p: &Params) -> Result<CaseResult> {
+    run(p, Wait::Spin)
+}
+fn spin_peer(ctx: PeerCtx) -> Result<()> {
+    peer(ctx, Wait::Spin)
+}
+fn park_run(p: &Params) -> Result<CaseResult> {
+    run(p, Wait::Park)
+}
+fn park_peer(ctx: PeerCtx) -> Result<()> {
+    peer(ctx, Wait::Park)
+}
+
+/// The membus cases.
+pub fn cases() -> Vec<Case> {
+    let case = |name, size, about, run, peer| Case {
+        name,
+        group: Group::Membus,
+        size,
+        kind: Kind::Latency,
+        pinning: Pinning::Split,
+        about,
+        run,
+        peer: Some(peer),
+    };
+    vec![
+        case(
+            "membus-ring-pingpong-8",
+            8,
+            "bus-core rings, reliable, busy-poll, 8 B each way",
+            spin_run as fn(&Params) -> Result<CaseResult>,
+            spin_peer as fn(PeerCtx) -> Result<()>,
+        ),
+        case(
+            "membus-ring-pingpong-64",
+            64,
+            "bus-core rings, reliable, busy-poll, 64 B each way",
+            spin_run,
+            spin_peer,
+        ),
+        Case {
+            pinning: Pinning::Unpinned,
+            ..case(
+                "membus-ring-pingpong-64-unpinned",
+                64,
+                "same, neither process pinned",
+                spin_run,
+                spin_peer,
+            )
+        },
+        case(
+            "membus-ring-pingpong-4k",
+            4096,
+            "bus-core rings, reliable, busy-poll, 4 KiB each way",
+            spin_run,
+            spin_peer,
+        ),
+        case(
+            "membus-ring-pingpong-64k",
+            65536,
+            "bus-core rings, reliable, busy-poll, 64 KiB each way",
+            spin_run,
+            spin_peer,
+        ),
+        case(
+            "membus-ring-park-64",
+            64,
+            "bus-core rings, reliable, park on the wake socket, 64 B each way",
+            park_run,
+            park_peer,
+        ),
+    ]
+}
+
+/// membus-vs-floor ratios, with the targets of PERFORMANCE.md section 3.
+pub fn ratios() -> Vec<Ratio> {
+    let r = |numerator, denominator, metric, target| Ratio {
+        numerator,
+        denominator,
+        metric,
+        target: Some(target),
+    };
+    vec![
+        r("membus-ring-pingpong-8", "cacheline-pingpong", Metric::P50, "<= 2.0 (stretch 1.5)"),
+        r("membus-ring-pingpong-64", "cacheline-pingpong", Metric::P50, "<= 2.0 (stretch 1.5)"),
+        r(
+            "membus-ring-pingpong-64-unpinned",
+            "cacheline-pingpong-unpinned",
+            Metric::P50,
+            "<= 2.0",
+        ),
+        r("membus-ring-pingpong-4k", "shm-pingpong-4k", Metric::P50, "<= 1.2 (stretch 1.05)"),
+        r("membus-ring-pingpong-64k", "shm-pingpong-64k", Metric::P50, "<= 1.2 (stretch 1.05)"),
+        r("membus-ring-park-64", "seqpacket-pingpong-64", Metric::P50, "<= 1.1 (stretch: eventfd floor)"),
+        r("membus-ring-park-64", "eventfd-pingpong", Metric::P50, "<= 1.0 (stretch)"),
+    ]
+}

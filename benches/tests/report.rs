@@ -1,0 +1,201 @@
+//! Runs `benches report --quick` into a temporary directory and checks that the report is
+//! complete and well-formed. Checks shape only, never timings.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::Deserializer;
+use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+use serde_json::Value;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let p = std::env::temp_dir().join(format!("membus-bench-report-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Standard base64 (with padding), as the interval log encodes histograms.
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("bad base64 byte {c}"),
+    };
+    let mut out = Vec::new();
+    for chunk in s.trim_end_matches('=').as_bytes().chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= u32::from(val(c)) << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    out
+}
+
+fn read(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn quick_report_is_complete_and_well_formed() {
+    let dir = TempDir::new();
+    let exe = env!("CARGO_BIN_EXE_benches");
+
+    let list = Command::new(exe)
+        .arg("list")
+        .output()
+        .expect("run benches list");
+    assert!(list.status.success());
+    let cases: Vec<(String, String)> = String::from_utf8(list.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|l| {
+            let mut f = l.split_whitespace();
+            let name = f.next().expect("name").to_owned();
+            let _group = f.next();
+            (name, f.next().expect("kind").to_owned())
+        })
+        .collect();
+    assert!(
+        cases.len() >= 15,
+        "expected every raw baseline, got {cases:?}"
+    );
+
+    let out = Command::new(exe)
+        // `--quick` as CI runs it, scaled down further because this is a debug build: the test
+        // checks the report's shape, never its numbers.
+        .args(["report", "--quick", "--scale-div", "1000", "--out"])
+        .arg(&dir.0)
+        .output()
+        .expect("run benches report");
+    assert!(
+        out.status.success(),
+        "report failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // JSON: every case in every round, with every field.
+    let json: Value = serde_json::from_str(&read(&dir.0, "report.json")).expect("valid JSON");
+    assert_eq!(json["schema"], "membus-bench-report/1");
+    for key in ["cpu_model", "logical_cpus", "cpu0_smt_siblings", "kernel"] {
+        assert!(!json["machine"][key].is_null(), "machine.{key} missing");
+    }
+    let rounds = json["rounds"].as_array().expect("rounds");
+    assert!(rounds.len() >= 3, "a report has at least 3 rounds");
+    for r in rounds {
+        assert!(r.get("steal_before_ticks").is_some() && r.get("steal_after_ticks").is_some());
+    }
+    let results = json["results"].as_array().expect("results");
+    assert_eq!(results.len(), cases.len() * rounds.len());
+    let fields = [
+        "case",
+        "group",
+        "kind",
+        "size",
+        "round",
+        "pinned",
+        "p50_ns",
+        "p90_ns",
+        "p99_ns",
+        "p999_ns",
+        "max_ns",
+        "msgs_per_sec",
+        "gb_per_sec",
+        "samples",
+        "messages",
+        "extra",
+    ];
+    for (name, kind) in &cases {
+        let mine: Vec<&Value> = results
+            .iter()
+            .filter(|r| r["case"] == name.as_str())
+            .collect();
+        assert_eq!(mine.len(), rounds.len(), "{name}: one result per round");
+        for r in mine {
+            for f in fields {
+                assert!(r.get(f).is_some(), "{name}: field {f} missing");
+            }
+            assert_eq!(r["kind"], kind.as_str());
+            let headline = if kind == "latency" {
+                "p50_ns"
+            } else {
+                "msgs_per_sec"
+            };
+            let v = r[headline]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{name}: {headline}"));
+            assert!(v > 0.0, "{name}: {headline} = {v}");
+        }
+    }
+    let summary = json["summary"]["cases"].as_array().expect("summary.cases");
+    assert_eq!(summary.len(), cases.len());
+    let ratios = json["summary"]["ratios"]
+        .as_array()
+        .expect("summary.ratios");
+    for r in ratios {
+        assert_eq!(
+            r["per_round"].as_array().map(Vec::len),
+            Some(rounds.len()),
+            "{r}"
+        );
+        assert!(
+            r["spread"]["median"].as_f64().is_some_and(|m| m > 0.0),
+            "{r}"
+        );
+    }
+
+    // Markdown: a table row per case.
+    let md = read(&dir.0, "report.md");
+    for (name, _) in &cases {
+        let rows = md
+            .lines()
+            .filter(|l| l.starts_with(&format!("| {name} |")))
+            .count();
+        assert_eq!(rows, 1, "{name}: expected one table row in report.md");
+    }
+
+    // hlog and SVG per latency case; hlogs parse back with one histogram per round.
+    for (name, _) in cases.iter().filter(|(_, k)| k == "latency") {
+        let log = read(&dir.0, &format!("{name}.hlog"));
+        let mut intervals = 0;
+        for entry in IntervalLogIterator::new(log.as_bytes()) {
+            if let LogEntry::Interval(ilh) = entry.unwrap_or_else(|e| panic!("{name}: {e:?}")) {
+                let bytes = base64_decode(ilh.encoded_histogram());
+                let h: Histogram<u64> = Deserializer::new()
+                    .deserialize(&mut &bytes[..])
+                    .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                assert!(!h.is_empty(), "{name}: empty interval");
+                assert!(ilh.tag().is_some_and(|t| t.starts_with("round-")));
+                intervals += 1;
+            }
+        }
+        assert_eq!(intervals, rounds.len(), "{name}: one interval per round");
+        let svg = read(&dir.0, &format!("{name}.svg"));
+        assert!(svg.starts_with("<svg"), "{name}.svg");
+    }
+}
+
+#[test]
+fn unknown_case_is_an_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_benches"))
+        .args(["raw", "--case", "no-such-case"])
+        .output()
+        .expect("run benches");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-case"));
+}
