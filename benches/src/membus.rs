@@ -108,9 +108,10 @@ fn run(p: &Params, wait: Wait) -> Result<CaseResult> {
         ping_cfg,
     )?;
     seal_read_only(&ping_fd)?;
-    let own_page = Arc::new(CursorPage::init(
+    let own_page = Arc::new(CursorPage::init_with(
         map_cursor_page(&own_page_fd, Access::ReadWrite)?,
         PARENT_SUB,
+        wait == Wait::Spin,
     )?);
     seal_read_only(&own_page_fd)?;
 
@@ -158,15 +159,15 @@ fn run(p: &Params, wait: Wait) -> Result<CaseResult> {
     check_sum(p, "pong", got, expected)?;
     check_sum(p, "ping (read by peer)", done.checksum, sent)?;
     let mut result = CaseResult::latency(h);
-    result.extra.push((
-        "own_one_way_p50_ns",
-        own.value_at_quantile(0.5) as f64,
-    ));
-    result.extra.push((
-        "own_one_way_p99_ns",
-        own.value_at_quantile(0.99) as f64,
-    ));
-    result.extra.push(("wakes_sent", ping.stats().wakes_sent as f64));
+    result
+        .extra
+        .push(("own_one_way_p50_ns", own.value_at_quantile(0.5) as f64));
+    result
+        .extra
+        .push(("own_one_way_p99_ns", own.value_at_quantile(0.99) as f64));
+    result
+        .extra
+        .push(("wakes_sent", ping.stats().wakes_sent as f64));
     Ok(result)
 }
 
@@ -181,9 +182,10 @@ fn peer(mut ctx: PeerCtx, wait: Wait) -> Result<()> {
     let wake = WakeReceiver::from_fd(ctx.take_fd(4)?)?;
     let parent_wake = WakeSender::from_fd(ctx.take_fd(5)?);
 
-    let own_page = Arc::new(CursorPage::init(
+    let own_page = Arc::new(CursorPage::init_with(
         map_cursor_page(&own_page_fd, Access::ReadWrite)?,
         PEER_SUB,
+        wait == Wait::Spin,
     )?);
     let mut pong = Writer::create(
         map_ring(&pong_fd, pong_cfg.data_bytes as usize, Access::ReadWrite)?,
@@ -293,17 +295,47 @@ pub fn ratios() -> Vec<Ratio> {
         target: Some(target),
     };
     vec![
-        r("membus-ring-pingpong-8", "cacheline-pingpong", Metric::P50, "<= 2.0 (stretch 1.5)"),
-        r("membus-ring-pingpong-64", "cacheline-pingpong", Metric::P50, "<= 2.0 (stretch 1.5)"),
+        r(
+            "membus-ring-pingpong-8",
+            "cacheline-pingpong",
+            Metric::P50,
+            "<= 2.0 (stretch 1.5)",
+        ),
+        r(
+            "membus-ring-pingpong-64",
+            "cacheline-pingpong",
+            Metric::P50,
+            "<= 2.0 (stretch 1.5)",
+        ),
         r(
             "membus-ring-pingpong-64-unpinned",
             "cacheline-pingpong-unpinned",
             Metric::P50,
             "<= 2.0",
         ),
-        r("membus-ring-pingpong-4k", "shm-pingpong-4k", Metric::P50, "<= 1.2 (stretch 1.05)"),
-        r("membus-ring-pingpong-64k", "shm-pingpong-64k", Metric::P50, "<= 1.2 (stretch 1.05)"),
-        r("membus-ring-park-64", "seqpacket-pingpong-64", Metric::P50, "<= 1.1 (stretch: eventfd floor)"),
-        r("membus-ring-park-64", "eventfd-pingpong", Metric::P50, "<= 1.0 (stretch)"),
+        r(
+            "membus-ring-pingpong-4k",
+            "shm-pingpong-4k",
+            Metric::P50,
+            "<= 1.2 (stretch 1.05)",
+        ),
+        r(
+            "membus-ring-pingpong-64k",
+            "shm-pingpong-64k",
+            Metric::P50,
+            "<= 1.2 (stretch 1.05)",
+        ),
+        r(
+            "membus-ring-park-64",
+            "seqpacket-pingpong-64",
+            Metric::P50,
+            "<= 1.1 (stretch: eventfd floor)",
+        ),
+        r(
+            "membus-ring-park-64",
+            "eventfd-pingpong",
+            Metric::P50,
+            "<= 1.0 (stretch)",
+        ),
     ]
 }

@@ -51,7 +51,8 @@
 //!  0x00c   4     slots (=CURSOR_SLOTS)      subscriber     once
 //!  0x010   8     subscriber_id              subscriber     once
 //!  0x018   4     pid                        subscriber     once
-//!  0x01c   100   reserved
+//!  0x01c   4     flags                      subscriber     once (CURSOR_FLAG_*)
+//!  0x020   96    reserved
 //!  0x080   8     park       (atomic)        subscriber     odd = parked; +1 to park, +1 to wake
 //!  0x100   4     state      (atomic)        subscriber     CURSOR_STATE_*
 //!  0x200 + 128*i read_pos[i] (atomic)       subscriber     after releasing each record of the
@@ -97,6 +98,9 @@ pub const CURSOR_SLOT_STRIDE: usize = 128;
 /// Size of a cursor page segment (rounded up to whole pages).
 pub const CURSOR_PAGE_BYTES: usize =
     (CURSOR_SLOTS_OFFSET + CURSOR_SLOTS * CURSOR_SLOT_STRIDE).next_multiple_of(4096);
+/// `CursorHeader::flags`: the subscriber busy-polls and never parks, so publishers skip the park
+/// check (and its fence) for it. A subscriber that sets it and parks anyway only hurts itself.
+pub const CURSOR_FLAG_NEVER_PARKS: u32 = 1;
 /// `read_pos` value meaning "this subscriber does not read the ring in this slot".
 pub const CURSOR_DETACHED: u64 = u64::MAX;
 
@@ -238,7 +242,9 @@ pub struct CursorHeader {
     pub subscriber_id: u64,
     /// Pid of the subscriber (informational; never trusted).
     pub pid: u32,
-    _reserved: [u8; 100],
+    /// `CURSOR_FLAG_*` bits, written once at initialisation.
+    pub flags: u32,
+    _reserved: [u8; 96],
     /// Park word: odd while the subscriber is (about to be) blocked on its wake socket.
     pub park: AtomicU64,
     _pad0: [u8; 120],
@@ -290,6 +296,7 @@ const _: () = {
     assert!(offset_of!(CursorHeader, slots) == 0x0c);
     assert!(offset_of!(CursorHeader, subscriber_id) == 0x10);
     assert!(offset_of!(CursorHeader, pid) == 0x18);
+    assert!(offset_of!(CursorHeader, flags) == 0x1c);
     assert!(offset_of!(CursorHeader, park) == 0x80);
     assert!(offset_of!(CursorHeader, state) == 0x100);
     assert!(size_of::<CursorHeader>() == CURSOR_SLOTS_OFFSET);

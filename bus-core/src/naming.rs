@@ -180,4 +180,3 @@ pub fn validate_topic(name: &str) -> Result<(), TopicNameError> {
     }
     Ok(())
 }
-

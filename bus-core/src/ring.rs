@@ -44,10 +44,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::layout::{
-    CURSOR_DETACHED, CURSOR_MAGIC, CURSOR_PAGE_BYTES, CURSOR_SLOTS, CURSOR_STATE_ACTIVE,
-    CURSOR_STATE_CLOSED, CursorHeader, LAYOUT_VERSION, MAX_DATA_BYTES, MIN_DATA_BYTES, Mode,
-    RECORD_ALIGN, RECORD_HEADER_BYTES, RECORD_KIND_MESSAGE, RING_HEADER_BYTES, RING_MAGIC,
-    RecordHeader, RingHeader, RingInfo, cursor_slot_offset, max_message_bytes_for, record_bytes,
+    CURSOR_DETACHED, CURSOR_FLAG_NEVER_PARKS, CURSOR_MAGIC, CURSOR_PAGE_BYTES, CURSOR_SLOTS,
+    CURSOR_STATE_ACTIVE, CURSOR_STATE_CLOSED, CursorHeader, LAYOUT_VERSION, MAX_DATA_BYTES,
+    MIN_DATA_BYTES, Mode, RECORD_ALIGN, RECORD_HEADER_BYTES, RECORD_KIND_MESSAGE,
+    RING_HEADER_BYTES, RING_MAGIC, RecordHeader, RingHeader, RingInfo, cursor_slot_offset,
+    max_message_bytes_for, record_bytes,
 };
 use crate::segment::{Access, Mapping, RingMapping};
 use crate::sys::clock::monotonic_ns;
@@ -259,6 +260,7 @@ const SEQ_OFF: usize = offset_of!(RecordHeader, seq);
 const TS_OFF: usize = offset_of!(RecordHeader, timestamp_ns);
 const META_OFF: usize = offset_of!(RecordHeader, meta);
 const PARK_OFF: usize = offset_of!(CursorHeader, park);
+const FLAGS_OFF: usize = offset_of!(CursorHeader, flags);
 const STATE_OFF: usize = offset_of!(CursorHeader, state);
 
 /// Reads the write-once header info with volatile loads (a hostile writer may change it while
@@ -283,6 +285,16 @@ pub struct CursorPage {
 impl CursorPage {
     /// Initialises a freshly created cursor page: header, every slot detached, state active.
     pub fn init(map: Mapping, subscriber_id: u64) -> Result<Self, AttachError> {
+        CursorPage::init_with(map, subscriber_id, false)
+    }
+
+    /// [`CursorPage::init`] for a subscriber that declares whether it will ever park. One that
+    /// never parks (busy-spin) spares every publisher the park check and its `SeqCst` fence.
+    pub fn init_with(
+        map: Mapping,
+        subscriber_id: u64,
+        never_parks: bool,
+    ) -> Result<Self, AttachError> {
         if map.access() != Access::ReadWrite {
             return Err(AttachError::WrongAccess {
                 side: "cursor page owner",
@@ -299,7 +311,11 @@ impl CursorPage {
         }
         let base = map.as_mut_ptr();
         let page = CursorPage { map };
-        let header = CursorHeader::new(subscriber_id, rustix::process::getpid().as_raw_nonzero());
+        let mut header =
+            CursorHeader::new(subscriber_id, rustix::process::getpid().as_raw_nonzero());
+        if never_parks {
+            header.flags |= CURSOR_FLAG_NEVER_PARKS;
+        }
         // SAFETY: the mapping is read-write, at least CURSOR_PAGE_BYTES long, page-aligned, and
         // nobody else can write it (we are its only writer); CursorHeader fits at offset 0.
         unsafe { core::ptr::write_volatile(base as *mut CursorHeader, header) };
@@ -353,6 +369,7 @@ impl CursorHeader {
 pub struct CursorView {
     map: Mapping,
     subscriber_id: u64,
+    never_parks: bool,
 }
 
 impl CursorView {
@@ -368,12 +385,13 @@ impl CursorView {
         let base = map.as_ptr();
         // SAFETY: the page is mapped for at least CURSOR_PAGE_BYTES; the prefix read is plain
         // integers, valid for any bit pattern.
-        let (magic, version, slots, id) = unsafe {
+        let (magic, version, slots, id, flags) = unsafe {
             (
                 core::ptr::read_volatile(base as *const [u8; 8]),
                 core::ptr::read_volatile(base.add(8) as *const u32),
                 core::ptr::read_volatile(base.add(12) as *const u32),
                 core::ptr::read_volatile(base.add(16) as *const u64),
+                core::ptr::read_volatile(base.add(FLAGS_OFF) as *const u32),
             )
         };
         let checks = [
@@ -395,7 +413,11 @@ impl CursorView {
                 });
             }
         }
-        Ok(CursorView { map, subscriber_id })
+        Ok(CursorView {
+            map,
+            subscriber_id,
+            never_parks: flags & CURSOR_FLAG_NEVER_PARKS != 0,
+        })
     }
 
     /// The subscriber this page belongs to.
@@ -453,6 +475,8 @@ pub struct Writer {
     /// Reliable mode: a lower bound of the slowest live reader's cursor.
     cached_min: u64,
     readers: Vec<ReaderLink>,
+    /// Readers that may park (the park check runs only if this is non-zero).
+    parking_readers: usize,
     stats: WriterStats,
 }
 
@@ -508,6 +532,7 @@ impl Writer {
             claim: cfg.data_bytes,
             cached_min: 0,
             readers: Vec::new(),
+            parking_readers: 0,
             stats: WriterStats::default(),
             map,
             cfg,
@@ -564,6 +589,11 @@ impl Writer {
             wake,
             last_woken: 0,
         });
+        self.parking_readers = self
+            .readers
+            .iter()
+            .filter(|r| !r.cursor.never_parks)
+            .count();
         // A new reader may be slower than the cached minimum.
         self.cached_min = self.cached_min.min(self.next_pos);
         Ok(())
@@ -575,6 +605,11 @@ impl Writer {
         let before = self.readers.len();
         self.readers
             .retain(|r| r.cursor.subscriber_id() != subscriber_id);
+        self.parking_readers = self
+            .readers
+            .iter()
+            .filter(|r| !r.cursor.never_parks)
+            .count();
         before != self.readers.len()
     }
 
@@ -752,11 +787,14 @@ impl Writer {
     /// The publisher half of the park protocol: nudge every parked reader once per park.
     #[inline]
     fn wake_parked(&mut self) {
-        if self.readers.is_empty() {
+        if self.parking_readers == 0 {
             return;
         }
         protocol::publisher_fence();
         for r in &mut self.readers {
+            if r.cursor.never_parks {
+                continue;
+            }
             let park = r.cursor.park();
             if protocol::needs_wake(park, r.last_woken) {
                 r.last_woken = park;

@@ -18,13 +18,22 @@ fn graph() -> Graph {
         .args(["metadata", "--format-version", "1", "--manifest-path", root])
         .output()
         .expect("run cargo metadata");
-    assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata json");
     let name_of: BTreeMap<String, String> = meta["packages"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["id"].as_str().unwrap().to_owned(), p["name"].as_str().unwrap().to_owned()))
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap().to_owned(),
+                p["name"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     let members = meta["workspace_members"]
         .as_array()
@@ -72,11 +81,18 @@ impl Graph {
 fn dependencies_point_one_way() {
     let g = graph();
     for required in ["bus-core", "bus-broker", "bus-client", "bus-cli", "benches"] {
-        assert!(g.members.contains(required), "workspace lost {required}: {:?}", g.members);
+        assert!(
+            g.members.contains(required),
+            "workspace lost {required}: {:?}",
+            g.members
+        );
     }
     let core = g.closure("bus-core");
     let internal: Vec<_> = core.intersection(&g.members).collect();
-    assert!(internal.is_empty(), "bus-core must depend on no workspace crate, has {internal:?}");
+    assert!(
+        internal.is_empty(),
+        "bus-core must depend on no workspace crate, has {internal:?}"
+    );
 
     for lib in ["bus-client", "bus-broker"] {
         let deps = g.closure(lib);

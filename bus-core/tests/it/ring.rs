@@ -719,3 +719,56 @@ proptest! {
         run_model(ops, Mode::Lossy)?;
     }
 }
+
+#[test]
+fn parked_reader_is_woken_once_per_park_and_never_parking_reader_never() {
+    for never_parks in [false, true] {
+        let cfg = config(Mode::Reliable, 4096);
+        let ring_fd = create_ring("wake-ring", 4096).unwrap();
+        let mut writer =
+            Writer::create(map_ring(&ring_fd, 4096, Access::ReadWrite).unwrap(), cfg).unwrap();
+        seal_read_only(&ring_fd).unwrap();
+        let cfd = create_cursor_page("wake-cursor").unwrap();
+        let page = Arc::new(
+            CursorPage::init_with(
+                map_cursor_page(&cfd, Access::ReadWrite).unwrap(),
+                9,
+                never_parks,
+            )
+            .unwrap(),
+        );
+        seal_read_only(&cfd).unwrap();
+        let view = CursorView::attach(map_cursor_page(&cfd, Access::ReadOnly).unwrap(), 9).unwrap();
+        let (tx, rx) = bus_core::wake::pair().unwrap();
+        writer.add_reader(view, 0, Some(tx)).unwrap();
+        let mut reader = Reader::attach(
+            map_ring(&ring_fd, 4096, Access::ReadOnly).unwrap(),
+            cfg,
+            Some((page.clone(), 0)),
+            StartAt::Beginning,
+        )
+        .unwrap();
+
+        publish(&mut writer, 8).unwrap();
+        assert_eq!(writer.stats().wakes_sent, 0, "not parked: no syscall");
+        bus_core::wake::protocol::announce_park(page.park_word());
+        publish(&mut writer, 8).unwrap();
+        publish(&mut writer, 8).unwrap();
+        let expected = if never_parks { 0 } else { 1 };
+        assert_eq!(
+            writer.stats().wakes_sent,
+            expected,
+            "never_parks = {never_parks}"
+        );
+        assert_eq!(rx.drain(), expected as usize);
+        bus_core::wake::protocol::unpark(page.park_word());
+        bus_core::wake::protocol::announce_park(page.park_word());
+        publish(&mut writer, 8).unwrap();
+        assert_eq!(writer.stats().wakes_sent, 2 * expected, "one wake per park");
+        let mut n = 0;
+        while reader.try_recv().unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 4);
+    }
+}
