@@ -6,8 +6,9 @@
 
 use std::error::Error;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use bus_broker::addr::Listener;
+use bus_broker::addr::{AddrError, Listener};
 use bus_broker::cli::Args;
 use bus_broker::config::Settings;
 use bus_broker::driver::{DRIVER_ENV, Driver, DriverChoice, Options};
@@ -90,6 +91,27 @@ fn parse_args() -> (Args, Option<String>) {
     (args, matches.get_one::<String>("driver").cloned())
 }
 
+/// How long a socket that answers while no broker holds its lock is re-probed (see [`bind`]).
+const UNLOCKED_SOCKET_RETRY: Duration = Duration::from_secs(2);
+
+/// Binds the socket. A socket that answers a connection although no broker holds its lock is
+/// usually a broker killed with SIGKILL while it used io_uring: the kernel tears a dead
+/// process's ring down in a worker, and until then the ring's accept op keeps the listening
+/// socket alive (connections queue in its backlog). So that case is re-probed for a short while
+/// before the broker refuses to start.
+fn bind(settings: &Settings) -> Result<Listener, AddrError> {
+    let give_up = Instant::now() + UNLOCKED_SOCKET_RETRY;
+    loop {
+        match Listener::bind(&settings.socket, &settings.bind) {
+            Err(AddrError::LiveUnlocked { .. }) if Instant::now() < give_up => {
+                tracing::debug!("socket answers but its lock is free: probing again");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
 fn run(args: Args, driver_flag: Option<String>) -> Result<(), Failure> {
     let env = |k: &str| std::env::var_os(k);
     let uid = rustix::process::geteuid().as_raw();
@@ -129,7 +151,7 @@ fn run(args: Args, driver_flag: Option<String>) -> Result<(), Failure> {
 
     let mut listener = match Listener::from_systemd(env).map_err(runtime)? {
         Some(activated) => activated,
-        None => Listener::bind(&settings.socket, &settings.bind).map_err(runtime)?,
+        None => bind(&settings).map_err(runtime)?,
     };
 
     let engine = Engine::new(

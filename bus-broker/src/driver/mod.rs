@@ -1,9 +1,9 @@
 //! The drivers: everything of the broker that does I/O. The [`Engine`] decides; a driver moves
 //! bytes and fds between it and the sockets.
 //!
-//! Two drivers share one [`Core`] (the connection table with its send queues, the shared receive
+//! Two drivers share one `Core` (the connection table with its send queues, the shared receive
 //! buffer, the dispatch of [`Out`] actions, signals, shutdown); they differ only in how they learn
-//! that something is ready, the [`Readiness`] trait:
+//! that something is ready, the `Readiness` trait:
 //!
 //! - [`uring`]: one io_uring; multishot accept, multishot POLLIN per connection, one-shot POLLOUT
 //!   while a send queue is not empty, a signalfd poll, `Timeout` ops for deadlines.
@@ -12,14 +12,14 @@
 //!   `kernel.io_uring_disabled`, a seccomp profile such as Docker's default).
 //!
 //! Both use readiness, not completion-based reads: an idle connection owns no receive buffer.
-//! When one is readable, [`Core`] drains it with non-blocking `recvmsg` into the one shared
+//! When one is readable, `Core` drains it with non-blocking `recvmsg` into the one shared
 //! [`MAX_FRAME_BYTES`] buffer and hands each datagram to the engine. Sends go out at once with a
 //! non-blocking `sendmsg`; only what the socket refuses (`EAGAIN`) is queued, per connection,
 //! until the socket is writable again. A connection whose queue passes
 //! [`Options::max_queued_frames`] does not read its socket and is dropped.
 //!
 //! **Invariant:** after every event handed to the engine, the driver drains
-//! [`Engine::poll_out`] until it is empty ([`Core::dispatch`]).
+//! [`Engine::poll_out`] until it is empty (`Core::dispatch`).
 
 pub mod poll;
 pub mod uring;
@@ -31,6 +31,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bus_core::frame::ErrorCode;
 use bus_core::limits::{Limits, MAX_FDS_PER_FRAME, MAX_FRAME_BYTES};
 use bus_core::sys::scm::{FdBatch, Received, RecvError, recv_frame_with, send_frame_with};
 use nix::sys::signal::{SigSet, Signal};
@@ -173,7 +174,7 @@ pub struct Driver {
 }
 
 enum Backend {
-    Uring(uring::UringSetup),
+    Uring(Box<uring::UringSetup>),
     Epoll(poll::EpollSetup),
 }
 
@@ -196,15 +197,15 @@ impl Driver {
         })?;
         let (backend, fallback_reason) = match choice {
             DriverChoice::Uring => (
-                Backend::Uring(
+                Backend::Uring(Box::new(
                     uring::UringSetup::new()
                         .map_err(|reason| DriverError::UringUnavailable { reason })?,
-                ),
+                )),
                 None,
             ),
             DriverChoice::Epoll => (Backend::Epoll(poll::EpollSetup::new()?), None),
             DriverChoice::Auto => match uring::UringSetup::new() {
-                Ok(setup) => (Backend::Uring(setup), None),
+                Ok(setup) => (Backend::Uring(Box::new(setup)), None),
                 Err(reason) => (Backend::Epoll(poll::EpollSetup::new()?), Some(reason)),
             },
         };
@@ -238,7 +239,7 @@ impl Driver {
     ) -> Result<(), DriverError> {
         match self.backend {
             Backend::Uring(setup) => {
-                let io = setup.start(listener);
+                let io = (*setup).start(listener);
                 uring::run(Core::new(io, engine, options, self.signals))
             }
             Backend::Epoll(setup) => {
@@ -637,7 +638,11 @@ impl<R: Readiness> Core<R> {
                 // datagram, or anything scm adds later: a framing violation.
                 Err(e) => {
                     tracing::debug!(conn = id, "protocol violation: {e}");
-                    self.engine.on_protocol_violation(id, &e.to_string());
+                    let code = match e {
+                        RecvError::TruncatedAncillary { .. } => ErrorCode::BadFds,
+                        _ => ErrorCode::BadFrame,
+                    };
+                    self.engine.on_protocol_violation(id, code, &e.to_string());
                     self.dispatch();
                 }
             }
@@ -714,7 +719,11 @@ impl<R: Readiness> Core<R> {
             return;
         };
         if c.closing {
-            debug_assert!(false, "engine sent to conn {id} after closing it");
+            // An engine bug, but one client's frame is not worth the broker: log and drop.
+            tracing::error!(
+                conn = id,
+                "bug: the engine sent a frame after closing the connection; dropped"
+            );
             return;
         }
         if c.queue.is_empty() {
@@ -755,7 +764,6 @@ impl<R: Readiness> Core<R> {
                 tracing::debug!(conn = id, "send: peer gone ({e})");
             }
             Errno::INVAL => {
-                debug_assert!(false, "engine produced an unsendable frame for conn {id}");
                 tracing::error!(
                     conn = id,
                     "bug: unsendable frame (empty, or too many fds); dropping the client"

@@ -1,5 +1,5 @@
 //! The readiness driver: level-triggered epoll, for where io_uring is unavailable. Everything
-//! but "what is ready" lives in [`Core`]; this file only keeps the epoll interest set in step
+//! but "what is ready" lives in `Core`; this file only keeps the epoll interest set in step
 //! with what the core needs. No unsafe code.
 
 use std::io;

@@ -1,6 +1,6 @@
 //! The io_uring driver: one ring, `submit_and_wait` its only blocking call.
 //!
-//! | source            | op                                   | `user_data` (see [`key`])    |
+//! | source            | op                                   | `user_data` (see `driver::key`) |
 //! |-------------------|--------------------------------------|------------------------------|
 //! | listening socket  | multishot `AcceptMulti`, NONBLOCK+CLOEXEC | `ACCEPT` + generation   |
 //! | each connection   | multishot `PollAdd(POLLIN)`          | `CONN_IN` + connection id    |

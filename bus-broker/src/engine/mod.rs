@@ -382,14 +382,15 @@ impl Engine {
         true
     }
 
-    /// The driver saw a framing violation it handles itself (MSG_CTRUNC, MSG_TRUNC, a datagram
-    /// over the frame limit). The engine queues an error frame and a Close.
-    pub fn on_protocol_violation(&mut self, conn: ConnId, what: &str) {
+    /// The driver saw a framing violation it handles itself: truncated ancillary data
+    /// (`ErrorCode::BadFds`), a truncated or oversized datagram (`ErrorCode::BadFrame`). The
+    /// engine queues an error frame with `code` and a Close.
+    pub fn on_protocol_violation(&mut self, conn: ConnId, code: ErrorCode, what: &str) {
         if !self.clients.contains_key(&conn) {
             return;
         }
         tracing::info!(conn, what, "protocol violation: disconnecting");
-        self.send_error(conn, 0, ErrorCode::BadFrame, what);
+        self.send_error(conn, 0, code, what);
         self.close(conn);
     }
 
@@ -556,7 +557,9 @@ impl Engine {
                 "{} before HELLO; the first frame on a connection must be HELLO",
                 frame.msg_type()
             );
-            return self.send_error(conn, frame.request_id, ErrorCode::HandshakeRequired, &msg);
+            self.send_error(conn, frame.request_id, ErrorCode::HandshakeRequired, &msg);
+            self.close(conn);
+            return;
         }
         let rid = frame.request_id;
         let result = match frame.msg {
@@ -605,6 +608,9 @@ impl Engine {
         let rid = Header::parse(datagram).map(|h| h.request_id).unwrap_or(0);
         let code = match e {
             DecodeError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            DecodeError::TooManyFds { .. } | DecodeError::FdCountMismatch { .. } => {
+                ErrorCode::BadFds
+            }
             _ => ErrorCode::BadFrame,
         };
         let msg = format!("{e}; see docs/protocol.md for the frame format");
@@ -636,10 +642,14 @@ impl Engine {
         }
         let c = self.clients.get_mut(&conn).expect("checked by on_frame");
         if c.phase == Phase::Ready {
-            return Err(reject(
-                ErrorCode::InvalidRequest,
-                "HELLO was already sent on this connection",
-            ));
+            self.send_error(
+                conn,
+                rid,
+                ErrorCode::HandshakeRequired,
+                "HELLO was already sent on this connection; send it once, first",
+            );
+            self.close(conn);
+            return Ok(());
         }
         c.phase = Phase::Ready;
         c.name = h.client_name.to_owned();

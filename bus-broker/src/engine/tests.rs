@@ -239,28 +239,21 @@ fn frames_before_hello_are_refused_and_hello_is_welcomed() {
     let got = h.frame(1, 7, Msg::Ping { token: 3 });
     assert_eq!(error_code(&got[0]), ErrorCode::HandshakeRequired);
     assert_eq!(got[0].request_id(), 7);
-    let got = h.frame(
-        1,
-        8,
-        Msg::Hello(Hello {
-            protocol_version: 1,
-            transport: Transport::Shm,
-            client_name: "x",
-        }),
-    );
+    assert_eq!(h.closed, vec![1], "anything before HELLO disconnects");
+
+    h.e.on_connect(2, creds(), h.now);
+    let hello = Hello {
+        protocol_version: 1,
+        transport: Transport::Shm,
+        client_name: "x",
+    };
+    let got = h.frame(2, 8, Msg::Hello(hello));
     assert!(matches!(got[0].msg(), Msg::Welcome(_)));
-    let got = h.frame(1, 9, Msg::Ping { token: 3 });
+    let got = h.frame(2, 9, Msg::Ping { token: 3 });
     assert!(matches!(got[0].msg(), Msg::Pong { token: 3 }));
-    let got = h.frame(
-        1,
-        10,
-        Msg::Hello(Hello {
-            protocol_version: 1,
-            transport: Transport::Shm,
-            client_name: "x",
-        }),
-    );
-    assert_eq!(error_code(&got[0]), ErrorCode::InvalidRequest);
+    let got = h.frame(2, 10, Msg::Hello(hello));
+    assert_eq!(error_code(&got[0]), ErrorCode::HandshakeRequired);
+    assert_eq!(h.closed, vec![1, 2], "a second HELLO disconnects");
 }
 
 #[test]

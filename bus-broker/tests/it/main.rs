@@ -1,6 +1,7 @@
 //! bus-broker integration tests: real sockets, lock files and config files in temporary
-//! directories. (The broker loop does not exist yet; these cover its start-up foundations.)
+//! directories, and real `bus-broker` processes (`broker`).
 
+mod broker;
 mod listener;
 mod settings;
 
