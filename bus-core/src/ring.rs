@@ -969,7 +969,8 @@ impl core::ops::Deref for Sample<'_> {
 
 impl Drop for Sample<'_> {
     fn drop(&mut self) {
-        self.reader.advance(self.next_pos, self.seq + 1);
+        self.reader
+            .advance(self.next_pos, self.seq.saturating_add(1));
     }
 }
 

@@ -772,3 +772,17 @@ fn parked_reader_is_woken_once_per_park_and_never_parking_reader_never() {
         assert_eq!(n, 4);
     }
 }
+
+/// Found by the `ring_reader` fuzz target: a forged record with sequence `u64::MAX` made the
+/// reader's next expected sequence overflow when the sample was dropped.
+#[test]
+fn forged_sequence_at_u64_max_does_not_overflow() {
+    let mut f = fixture(Mode::Lossy, 4096, false);
+    forge_record(&f, 0, u64::MAX, 8, 1);
+    forge_record(&f, 64, u64::MAX, 8, 1);
+    for _ in 0..3 {
+        if let Ok(Some(s)) = f.reader.try_recv() {
+            assert_eq!(s.seq(), u64::MAX);
+        }
+    }
+}
