@@ -21,6 +21,7 @@
 pub mod addr;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod driver;
 pub mod engine;
 pub mod log;

@@ -1,4 +1,77 @@
-//! The `bus` command.
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("no subcommands yet")
+//! `bus`: publish, subscribe, inspect and benchmark a membus from the command line.
+//!
+//! Exit codes: 0 success; 1 a runtime failure (no broker, refused request, lost connection);
+//! 2 a usage error (clap's own).
+#![deny(unsafe_code)]
+
+mod bench;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bus",
+    version,
+    about = "Publish, subscribe, inspect and benchmark a membus",
+    after_help = "Examples:\n  \
+        bus demo                              start a private broker, stream, print latency\n  \
+        bus bench latency --size 64           two-process ping-pong over membus rings\n  \
+        bus bench latency --wait park --json  the parked path, as JSON\n  \
+        bus broker --socket @test             run a broker (same as bus-broker)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Measure latency or throughput between two processes (see also `benches`).
+    Bench(bench::BenchArgs),
+    /// Run a broker in this process (the same program as `bus-broker`; `bus broker --help`).
+    #[command(disable_help_flag = true)]
+    Broker {
+        /// Arguments for the broker.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    // Benchmarks re-execute this program as their second process.
+    if argv
+        .get(1)
+        .is_some_and(|a| a == benches::peer::PEER_SUBCOMMAND)
+    {
+        let rest: Vec<String> = argv[2..]
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return match benches::peer::peer_main(&rest) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bus: benchmark peer failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let cli = Cli::parse_from(&argv);
+    let result = match cli.command {
+        Command::Bench(a) => bench::run(a),
+        Command::Broker { args } => {
+            let argv = std::iter::once(OsString::from("bus broker")).chain(args);
+            return bus_broker::daemon::main_from(argv);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bus: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

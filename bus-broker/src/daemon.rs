@@ -1,0 +1,202 @@
+//! The broker daemon's entry point: arguments, settings, logging, policy, driver, bind, run.
+//!
+//! Exit codes: 0 after a clean shutdown (SIGINT, SIGTERM); 2 when nothing was started because the
+//! command line, the environment, the config file or the policy file is wrong; 1 when the broker
+//! could not run (socket in use, bind failed, event loop failed).
+
+use std::error::Error;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use crate::addr::{AddrError, Listener};
+use crate::cli::Args;
+use crate::config::Settings;
+use crate::driver::{DRIVER_ENV, Driver, DriverChoice, Options};
+use crate::engine::Engine;
+use crate::policy::PolicyHolder;
+use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches};
+
+/// Usage or configuration error: fix the arguments or files.
+const EXIT_USAGE: u8 = 2;
+/// Runtime error.
+const EXIT_RUNTIME: u8 = 1;
+
+/// Runs the broker daemon with these command-line arguments (the first is the program name,
+/// as in `std::env::args_os`) until SIGINT or SIGTERM. `bus-broker` is this function; the `bus`
+/// command embeds it as `bus broker` (and `bus demo` starts that in a child process).
+pub fn main_from<I, T>(argv: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let (args, driver) = parse_args(argv);
+    match run(args, driver) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, message }) => {
+            // Logging may not be up yet (or may be filtered): errors always reach stderr.
+            eprintln!("bus-broker: error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+/// The error and its sources, `: `-separated (the sources the message does not already show).
+fn describe(error: &dyn Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn usage(error: impl Error) -> Failure {
+    Failure {
+        code: EXIT_USAGE,
+        message: describe(&error),
+    }
+}
+
+fn runtime(error: impl Error) -> Failure {
+    Failure {
+        code: EXIT_RUNTIME,
+        message: describe(&error),
+    }
+}
+
+fn usage_msg(message: String) -> Failure {
+    Failure {
+        code: EXIT_USAGE,
+        message,
+    }
+}
+
+/// `cli::Args` plus `--driver`, added here so that cli.rs stays about the broker's settings.
+fn parse_args<I, T>(argv: I) -> (Args, Option<String>)
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let command = Args::command().arg(
+        Arg::new("driver")
+            .long("driver")
+            .value_name("auto|uring|epoll")
+            .help(
+                "Event loop: io_uring, epoll (readiness, for where io_uring is disabled or \
+                 blocked), or auto (io_uring if it works, else epoll) [env: MEMBUS_DRIVER] \
+                 [default: auto]",
+            ),
+    );
+    let matches: ArgMatches = command.get_matches_from(argv);
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    (args, matches.get_one::<String>("driver").cloned())
+}
+
+/// How long a socket that answers while no broker holds its lock is re-probed (see [`bind`]).
+const UNLOCKED_SOCKET_RETRY: Duration = Duration::from_secs(2);
+
+/// Binds the socket. A socket that answers a connection although no broker holds its lock is
+/// usually a broker killed with SIGKILL while it used io_uring: the kernel tears a dead
+/// process's ring down in a worker, and until then the ring's accept op keeps the listening
+/// socket alive (connections queue in its backlog). So that case is re-probed for a short while
+/// before the broker refuses to start.
+fn bind(settings: &Settings) -> Result<Listener, AddrError> {
+    let give_up = Instant::now() + UNLOCKED_SOCKET_RETRY;
+    loop {
+        match Listener::bind(&settings.socket, &settings.bind) {
+            Err(AddrError::LiveUnlocked { .. }) if Instant::now() < give_up => {
+                tracing::debug!("socket answers but its lock is free: probing again");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn run(args: Args, driver_flag: Option<String>) -> Result<(), Failure> {
+    let env = |k: &str| std::env::var_os(k);
+    let uid = rustix::process::geteuid().as_raw();
+    let settings = Settings::resolve(&args, env, uid).map_err(usage)?;
+    crate::log::init(&settings.log).map_err(usage)?;
+    for note in &settings.notes {
+        tracing::warn!("{note}");
+    }
+
+    let choice = match driver_flag {
+        Some(text) => {
+            DriverChoice::parse(&text).map_err(|e| usage_msg(format!("--driver: {e}")))?
+        }
+        None => match env(DRIVER_ENV).filter(|v| !v.is_empty()) {
+            Some(text) => DriverChoice::parse(&text.to_string_lossy())
+                .map_err(|e| usage_msg(format!("{DRIVER_ENV}: {e}")))?,
+            None => DriverChoice::Auto,
+        },
+    };
+
+    let policy = PolicyHolder::load(settings.policy.clone(), uid).map_err(|e| {
+        usage_msg(format!(
+            "policy file rejected: {}; fix it, or remove `policy` from the config to allow \
+                 only uid {uid}",
+            describe(&e)
+        ))
+    })?;
+
+    // Before any thread exists: blocks SIGINT/SIGTERM/SIGHUP for the signalfd.
+    let driver = Driver::new(choice).map_err(runtime)?;
+    if let Some(reason) = driver.fallback_reason() {
+        tracing::warn!(
+            "io_uring is not usable here ({reason}); running on the epoll driver (same \
+             behaviour, more system calls per event)"
+        );
+    }
+
+    let mut listener = match Listener::from_systemd(env).map_err(runtime)? {
+        Some(activated) => activated,
+        None => bind(&settings).map_err(runtime)?,
+    };
+
+    let engine = Engine::new(
+        settings.limits.clone(),
+        settings.topics.clone(),
+        policy.policy().clone(),
+    );
+    let options = Options::new(&settings.limits, policy);
+
+    let version = env!("CARGO_PKG_VERSION");
+    let kind = driver.kind();
+    tracing::info!(
+        socket = %listener.addr(),
+        from = %settings.socket_source,
+        driver = %kind,
+        policy = settings.policy.as_ref().map(|p| p.display().to_string()).as_deref().unwrap_or("default (own uid only)"),
+        "bus-broker {version} started"
+    );
+    println!(
+        "bus-broker {version} listening on {} (driver: {kind}, pid {})",
+        listener.addr(),
+        std::process::id()
+    );
+
+    let result = driver.run(&listener, engine, options);
+    listener.cleanup();
+    match result {
+        Ok(()) => {
+            tracing::info!("shut down cleanly");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!("the broker stopped on an error: {e}");
+            Err(runtime(e))
+        }
+    }
+}
