@@ -783,3 +783,33 @@ fn bad_driver_name_is_a_usage_error() {
         refused.stderr
     );
 }
+
+/// The Python datagram client in `examples/python/`, written from docs/protocol.md alone,
+/// publishes and subscribes through a real broker with exact message boundaries (0 bytes to the
+/// fallback maximum).
+#[test]
+fn python_fallback_client_round_trips() {
+    let (_dir, broker) = start("auto");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/python/fallback_client.py"
+    );
+    let out = Command::new("python3")
+        .arg(script)
+        .arg("--socket")
+        .arg(&broker.socket)
+        .args(["--topic", "it.python", "both", "--count", "300"])
+        .output()
+        .expect("python3 is needed for this test (apt-get install python3)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python client failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("ok: 306 messages from 0 to 65472 bytes"),
+        "{stdout}"
+    );
+}
