@@ -154,6 +154,8 @@ struct Publisher {
     writer: Option<Writer>,
     backlog: VecDeque<Vec<u8>>,
     refused: u64,
+    /// When it became live, in the engine's event order (see `Engine::live_clock`).
+    live_seq: u64,
 }
 
 struct Fallback {
@@ -182,6 +184,8 @@ struct Subscriber {
     fallback: Option<Fallback>,
     /// Stall tracking per publisher id: (cursor seen, since when).
     stall: BTreeMap<u64, (u64, Instant)>,
+    /// When it became live, in the engine's event order.
+    live_seq: u64,
 }
 
 /// The broker's state: clients, topics, rings.
@@ -203,6 +207,9 @@ pub struct Engine {
     evictions: u64,
     now: Instant,
     scratch: Vec<u8>,
+    /// Orders publishers and subscribers becoming live: a subscriber reads the ring of a
+    /// publisher that became live after it from the ring's first record.
+    live_clock: u64,
 }
 
 fn mode_of(req: ModeRequest) -> Option<Mode> {
@@ -259,6 +266,7 @@ impl Engine {
             evictions: 0,
             now,
             scratch: Vec::with_capacity(MAX_FRAME_BYTES),
+            live_clock: 0,
         };
         for d in e.decls.clone() {
             let id = e.alloc_id();
@@ -859,6 +867,7 @@ impl Engine {
             writer: None,
             backlog: VecDeque::new(),
             refused: 0,
+            live_seq: 0,
         };
         let grant = RingGranted {
             role: if req.transport == Transport::Shm {
@@ -963,9 +972,11 @@ impl Engine {
         if let Some((conn, rid)) = ack {
             self.send(conn, rid, Msg::Ok, Vec::new());
         }
+        self.live_clock += 1;
         let p = self.publishers.get_mut(&pid).expect("exists");
         p.monitor = Some(monitor);
         p.life = Life::Live;
+        p.live_seq = self.live_clock;
         let topic = p.topic;
         let subs: Vec<u64> = self.topics[&topic]
             .subscribers
@@ -988,6 +999,9 @@ impl Engine {
         let cfg = self.ring_config(p);
         let (pconn, slot, topic) = (p.conn, p.slot, p.topic);
         let (sconn, delivery) = (s.conn, s.delivery);
+        // Everything in a ring whose publisher arrived after the subscriber was published after
+        // the subscription: read it from the start.
+        let from_start = p.live_seq > s.live_seq;
         let (cursor_fd, wake_tx, ring_fd) =
             (s.cursor_fd.clone(), s.wake_tx.clone(), p.ring_fd.clone());
 
@@ -1039,13 +1053,13 @@ impl Engine {
                         .fallback
                         .as_ref()
                         .expect("datagram subscriber");
-                    Reader::attach(
-                        m,
-                        cfg,
-                        Some((fb.page.clone(), slot as usize)),
-                        StartAt::Next,
-                    )
-                    .map_err(|e| e.to_string())
+                    let start = if from_start {
+                        StartAt::Beginning
+                    } else {
+                        StartAt::Next
+                    };
+                    Reader::attach(m, cfg, Some((fb.page.clone(), slot as usize)), start)
+                        .map_err(|e| e.to_string())
                 });
             match attach {
                 Ok(reader) => {
@@ -1062,7 +1076,11 @@ impl Engine {
             }
         } else {
             let grant = RingGranted {
-                role: RingRole::Reader,
+                role: if from_start {
+                    RingRole::ReaderFromStart
+                } else {
+                    RingRole::Reader
+                },
                 mode: cfg.mode,
                 slot,
                 max_message_bytes: cfg.max_message_bytes,
@@ -1178,6 +1196,7 @@ impl Engine {
             view: None,
             fallback: None,
             stall: BTreeMap::new(),
+            live_seq: 0,
         };
         let mut fds = Vec::new();
         if req.delivery == Transport::Datagram {
@@ -1283,9 +1302,11 @@ impl Engine {
         if let Some((conn, rid)) = ack {
             self.send(conn, rid, Msg::Ok, Vec::new());
         }
+        self.live_clock += 1;
         let s = self.subscribers.get_mut(&sid).expect("exists");
         s.view = Some(view);
         s.life = Life::Live;
+        s.live_seq = self.live_clock;
         let topic = s.topic;
         let pubs: Vec<u64> = self.topics[&topic]
             .publishers

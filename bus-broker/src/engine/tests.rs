@@ -203,7 +203,12 @@ fn reader_from(grant: &Got, page: &Arc<CursorPage>) -> Reader {
     let Msg::RingGranted(g) = grant.msg() else {
         panic!("{grant:?}")
     };
-    assert_eq!(g.role, RingRole::Reader);
+    assert!(g.role.is_reader(), "{:?}", g.role);
+    let start = if g.role == RingRole::ReaderFromStart {
+        StartAt::Beginning
+    } else {
+        StartAt::Next
+    };
     let map = map_ring(
         grant.fds[0].as_fd(),
         g.data_bytes as usize,
@@ -216,13 +221,7 @@ fn reader_from(grant: &Got, page: &Arc<CursorPage>) -> Reader {
         max_message_bytes: g.max_message_bytes,
         publisher_id: g.publisher_id,
     };
-    Reader::attach(
-        map,
-        cfg,
-        Some((page.clone(), g.slot as usize)),
-        StartAt::Next,
-    )
-    .unwrap()
+    Reader::attach(map, cfg, Some((page.clone(), g.slot as usize)), start).unwrap()
 }
 
 fn error_code(g: &Got) -> ErrorCode {
@@ -373,7 +372,19 @@ fn shm_publisher_and_subscriber_meet_in_either_order_and_messages_flow() {
         (1, sid2, pid, 2)
     );
     assert_eq!(got[2].conn, 2);
+    let Msg::RingGranted(g2) = got[2].msg() else {
+        panic!("{got:?}")
+    };
+    assert_eq!(
+        g2.role,
+        RingRole::ReaderFromStart,
+        "the publisher arrived after the subscriber"
+    );
+    // Published before the subscriber attached: still delivered, since it came after the
+    // subscription.
+    writer.publish(b"early").unwrap();
     let mut r2 = reader_from(&got[2], &page2);
+    assert_eq!(&r2.try_recv().unwrap().unwrap()[..], b"early");
     let view = bus_core::ring::CursorView::attach(
         map_cursor_page(got[1].fds[0].as_fd(), Access::ReadOnly).unwrap(),
         sid2,
@@ -393,6 +404,14 @@ fn shm_publisher_and_subscriber_meet_in_either_order_and_messages_flow() {
     let (page3, _sid3, got) = h.subscriber(3, "demo.a");
     assert_eq!(got.len(), 3, "{got:?}");
     assert!(matches!(got[1].msg(), Msg::CursorGranted(_)) && got[1].conn == 1);
+    let Msg::RingGranted(g3) = got[2].msg() else {
+        panic!("{got:?}")
+    };
+    assert_eq!(
+        g3.role,
+        RingRole::Reader,
+        "a late subscriber starts at the writer's position"
+    );
     let mut r3 = reader_from(&got[2], &page3);
 
     writer.publish(b"hello both").unwrap();

@@ -179,6 +179,10 @@ wire_enum! {
         Reader = 2 => "reader",
         /// A datagram publisher: the broker writes its PUBLISH frames into a ring it owns. No fd.
         Fallback = 3 => "fallback",
+        /// As [`RingRole::Reader`], for a ring whose publisher arrived after the subscriber:
+        /// everything in it was published after the subscription, so read it from its first
+        /// record (a plain reader starts at the writer's current position).
+        ReaderFromStart = 4 => "reader-from-start",
     }
 }
 
@@ -253,5 +257,12 @@ impl From<crate::layout::Mode> for ModeRequest {
             crate::layout::Mode::Reliable => ModeRequest::Reliable,
             crate::layout::Mode::Lossy => ModeRequest::Lossy,
         }
+    }
+}
+
+impl RingRole {
+    /// True for the subscriber roles ([`RingRole::Reader`], [`RingRole::ReaderFromStart`]).
+    pub const fn is_reader(self) -> bool {
+        matches!(self, RingRole::Reader | RingRole::ReaderFromStart)
     }
 }

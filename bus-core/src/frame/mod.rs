@@ -997,7 +997,7 @@ impl Msg<'_> {
     pub const fn fd_count(&self) -> usize {
         match self {
             Msg::RingGranted(RingGranted {
-                role: RingRole::Writer | RingRole::Reader,
+                role: RingRole::Writer | RingRole::Reader | RingRole::ReaderFromStart,
                 ..
             }) => 1,
             Msg::CursorGranted(_) => 2,
@@ -1019,7 +1019,7 @@ impl Msg<'_> {
                         value: g.slot.into(),
                     });
                 }
-                if g.role != RingRole::Reader && g.subscriber_id != 0 {
+                if !g.role.is_reader() && g.subscriber_id != 0 {
                     return Err(Invalid {
                         field: "subscriber_id",
                         value: g.subscriber_id,

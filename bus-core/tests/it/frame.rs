@@ -895,7 +895,7 @@ fn invalid_enum_values() {
         ("subscribe", 0, 3, "mode", 3),
         ("subscribe", 1, 9, "delivery", 9),
         ("create_publisher", 12, 0xff, "mode", 0xff),
-        ("ring_granted_writer", 0, 4, "role", 4),
+        ("ring_granted_writer", 0, 5, "role", 5),
         ("ring_granted_writer", 1, 0, "mode", 0), // "any" is not a topic's mode
         ("subscribed", 16, 3, "mode", 3),
         ("peer_gone", 8, 0, "peer", 0),
