@@ -5,6 +5,10 @@
 #![deny(unsafe_code)]
 
 mod bench;
+mod demo;
+mod pubsub;
+mod stat;
+mod table;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -18,9 +22,15 @@ use clap::{Parser, Subcommand};
     about = "Publish, subscribe, inspect and benchmark a membus",
     after_help = "Examples:\n  \
         bus demo                              start a private broker, stream, print latency\n  \
+        bus sub sensors.imu --latency         print messages and their latency\n  \
+        bus pub sensors.imu hello             publish one message\n  \
+        seq 10 | bus pub numbers              one message per input line\n  \
+        bus pub load --count 100000 --size 256 --rate 50000\n  \
+        bus stat                              topics, publishers, subscribers, lag\n  \
         bus bench latency --size 64           two-process ping-pong over membus rings\n  \
         bus bench latency --wait park --json  the parked path, as JSON\n  \
-        bus broker --socket @test             run a broker (same as bus-broker)"
+        bus broker --socket @test             run a broker (same as bus-broker)\n\n\
+        The broker socket is --socket, else $MEMBUS_SOCKET, else $XDG_RUNTIME_DIR/membus/bus.sock."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,6 +39,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Start a private broker (unless one runs), stream between two processes, print latency.
+    Demo(demo::DemoArgs),
+    /// Publish messages (arguments, standard input lines, or generated).
+    Pub(pubsub::PubArgs),
+    /// Subscribe and print messages.
+    Sub(pubsub::SubArgs),
+    /// Show the broker's topics, publishers and subscribers.
+    Stat(stat::StatArgs),
     /// Measure latency or throughput between two processes (see also `benches`).
     Bench(bench::BenchArgs),
     /// Run a broker in this process (the same program as `bus-broker`; `bus broker --help`).
@@ -59,9 +77,33 @@ fn main() -> ExitCode {
             }
         };
     }
+    // `bus demo` runs its publisher and subscriber as this program, too.
+    let hidden: Option<fn(&[String]) -> anyhow::Result<()>> =
+        match argv.get(1).and_then(|a| a.to_str()) {
+            Some("__demo-sub") => Some(demo::demo_sub),
+            Some("__demo-pub") => Some(demo::demo_pub),
+            _ => None,
+        };
+    if let Some(child) = hidden {
+        let rest: Vec<String> = argv[2..]
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return match child(&rest) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bus: demo process failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse_from(&argv);
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Pub(a) => pubsub::run_pub(a),
+        Command::Sub(a) => pubsub::run_sub(a),
+        Command::Stat(a) => stat::run(a),
         Command::Broker { args } => {
             let argv = std::iter::once(OsString::from("bus broker")).chain(args);
             return bus_broker::daemon::main_from(argv);

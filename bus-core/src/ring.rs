@@ -461,6 +461,11 @@ struct ReaderLink {
     slot: usize,
     wake: Option<WakeSender>,
     last_woken: u64,
+    /// Where the reader counts as being while its cursor still reads "detached": `Some(0)` for
+    /// a subscriber that was there before this publisher (it will read the ring from its first
+    /// record, so nothing may be overwritten before it attaches); `None` for one that joins
+    /// later (it starts at the writer's position when it attaches).
+    until_attached: Option<u64>,
 }
 
 /// The single writer of a ring.
@@ -574,6 +579,29 @@ impl Writer {
         slot: usize,
         wake: Option<WakeSender>,
     ) -> Result<(), AttachError> {
+        self.add_reader_at(cursor, slot, wake, None)
+    }
+
+    /// [`Writer::add_reader`] for a subscriber that was there before this publisher and will
+    /// read the ring from its first record (`RING_GRANTED` role reader-from-start): until its
+    /// cursor is attached it counts as being at position 0, so a reliable writer does not
+    /// overwrite anything it has not read.
+    pub fn add_reader_from_start(
+        &mut self,
+        cursor: CursorView,
+        slot: usize,
+        wake: Option<WakeSender>,
+    ) -> Result<(), AttachError> {
+        self.add_reader_at(cursor, slot, wake, Some(0))
+    }
+
+    fn add_reader_at(
+        &mut self,
+        cursor: CursorView,
+        slot: usize,
+        wake: Option<WakeSender>,
+        until_attached: Option<u64>,
+    ) -> Result<(), AttachError> {
         if slot >= CURSOR_SLOTS {
             return Err(AttachError::BadSlot { slot });
         }
@@ -588,6 +616,7 @@ impl Writer {
             slot,
             wake,
             last_woken: 0,
+            until_attached,
         });
         self.parking_readers = self
             .readers
@@ -595,7 +624,10 @@ impl Writer {
             .filter(|r| !r.cursor.never_parks)
             .count();
         // A new reader may be slower than the cached minimum.
-        self.cached_min = self.cached_min.min(self.next_pos);
+        self.cached_min = self
+            .cached_min
+            .min(self.next_pos)
+            .min(until_attached.unwrap_or(u64::MAX));
         Ok(())
     }
 
@@ -628,10 +660,11 @@ impl Writer {
             if r.cursor.is_closed() {
                 continue;
             }
-            let pos = r.cursor.read_pos(r.slot);
-            if pos == CURSOR_DETACHED {
-                continue;
-            }
+            let pos = match (r.cursor.read_pos(r.slot), r.until_attached) {
+                (CURSOR_DETACHED, None) => continue,
+                (CURSOR_DETACHED, Some(start)) => start,
+                (pos, _) => pos,
+            };
             min = min.min(pos.clamp(lo, self.next_pos));
         }
         min

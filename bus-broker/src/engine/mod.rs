@@ -88,6 +88,17 @@ pub enum Out {
     },
 }
 
+/// Which half of an introduction to perform (see [`Engine::connect_pair`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Half {
+    /// CURSOR_GRANTED to the publisher only.
+    Cursor,
+    /// RING_GRANTED to the subscriber only.
+    Ring,
+    /// Both, in that order.
+    Both,
+}
+
 /// Frames a datagram subscriber may have in flight before the broker stops reading its rings
 /// (its cursor then stays put, which is the back-pressure a reliable publisher feels).
 const DELIVER_CREDIT: u32 = 64;
@@ -969,9 +980,6 @@ impl Engine {
                     ),
                 )
             })?;
-        if let Some((conn, rid)) = ack {
-            self.send(conn, rid, Msg::Ok, Vec::new());
-        }
         self.live_clock += 1;
         let p = self.publishers.get_mut(&pid).expect("exists");
         p.monitor = Some(monitor);
@@ -984,8 +992,16 @@ impl Engine {
             .copied()
             .filter(|s| self.subscribers[s].life == Life::Live)
             .collect();
+        // The publisher learns of every existing subscriber before its READY is acknowledged:
+        // its client applies those grants before it can publish, so no subscriber is lapped.
+        for &sid in &subs {
+            self.connect_pair(pid, sid, Half::Cursor);
+        }
+        if let Some((conn, rid)) = ack {
+            self.send(conn, rid, Msg::Ok, Vec::new());
+        }
         for sid in subs {
-            self.connect_pair(pid, sid);
+            self.connect_pair(pid, sid, Half::Ring);
         }
         tracing::info!(publisher = pid, topic = %self.topics[&topic].name, "publisher live");
         Ok(())
@@ -993,7 +1009,7 @@ impl Engine {
 
     /// Introduces a live publisher and a live subscriber: the publisher gets the cursor page
     /// first, then the subscriber gets the ring.
-    fn connect_pair(&mut self, pid: u64, sid: u64) {
+    fn connect_pair(&mut self, pid: u64, sid: u64, half: Half) {
         let p = &self.publishers[&pid];
         let s = &self.subscribers[&sid];
         let cfg = self.ring_config(p);
@@ -1010,7 +1026,9 @@ impl Engine {
         }
 
         // 1. The publisher starts watching the subscriber's cursor page.
-        if self.publishers[&pid].writer.is_some() {
+        if half == Half::Ring {
+            // done earlier
+        } else if self.publishers[&pid].writer.is_some() {
             let view = map_cursor_page(&*cursor_fd, Access::ReadOnly)
                 .map_err(|e| e.to_string())
                 .and_then(|m| CursorView::attach(m, sid).map_err(|e| e.to_string()));
@@ -1022,7 +1040,12 @@ impl Engine {
                         .get_mut(&pid)
                         .and_then(|p| p.writer.as_mut())
                         .expect("relay");
-                    if let Err(e) = w.add_reader(view, slot as usize, Some(wake)) {
+                    let added = if from_start {
+                        w.add_reader_from_start(view, slot as usize, Some(wake))
+                    } else {
+                        w.add_reader(view, slot as usize, Some(wake))
+                    };
+                    if let Err(e) = added {
                         tracing::warn!(publisher = pid, subscriber = sid, %e, "relay cannot track subscriber");
                     }
                 }
@@ -1045,7 +1068,9 @@ impl Engine {
         }
 
         // 2. The subscriber gets the ring.
-        if delivery == Transport::Datagram {
+        if half == Half::Cursor {
+            // later
+        } else if delivery == Transport::Datagram {
             let attach = map_ring(&*ring_fd, cfg.data_bytes as usize, Access::ReadOnly)
                 .map_err(|e| e.to_string())
                 .and_then(|m| {
@@ -1315,7 +1340,7 @@ impl Engine {
             .filter(|p| self.publishers[p].life == Life::Live)
             .collect();
         for pid in pubs {
-            self.connect_pair(pid, sid);
+            self.connect_pair(pid, sid, Half::Both);
         }
         self.pump_fallback(sid);
         tracing::info!(subscriber = sid, topic = %self.topics[&topic].name, "subscriber live");
@@ -1546,10 +1571,16 @@ impl Engine {
                     };
                     let Some(monitor) = &p.monitor else { continue };
                     let (next_pos, _) = monitor.writer_progress();
-                    let cursor = view.read_pos(p.slot as usize);
+                    let mut cursor = view.read_pos(p.slot as usize);
                     if cursor == CURSOR_DETACHED {
-                        s.stall.remove(&pid);
-                        continue;
+                        // A subscriber older than the publisher holds the ring from position 0
+                        // until it attaches; one that never does must not block it forever.
+                        if p.live_seq > s.live_seq {
+                            cursor = 0;
+                        } else {
+                            s.stall.remove(&pid);
+                            continue;
+                        }
                     }
                     // The writer may be blocked once less than one maximal record fits.
                     let full = next_pos.saturating_sub(cursor)

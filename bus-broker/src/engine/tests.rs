@@ -30,7 +30,7 @@ fn creds() -> Creds {
 }
 
 /// An owned copy of a decoded frame's essentials, with the fds that came with it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Got {
     conn: ConnId,
     frame: Vec<u8>,
@@ -163,7 +163,16 @@ impl Harness {
                 publisher_id: g.publisher_id,
             },
         );
-        assert!(matches!(got[0].msg(), Msg::Ok), "{got:?}");
+        // Cursor grants for existing subscribers come first, so the publisher knows them
+        // before it may publish; then OK; then the rings go to the subscribers.
+        let ok = got.iter().position(|x| x.request_id() == 11).expect("OK");
+        assert!(matches!(got[ok].msg(), Msg::Ok), "{got:?}");
+        assert!(
+            got[..ok]
+                .iter()
+                .all(|x| matches!(x.msg(), Msg::CursorGranted(_)) && x.conn == conn),
+            "{got:?}"
+        );
         (writer, g.publisher_id, got)
     }
 
@@ -359,6 +368,17 @@ fn shm_publisher_and_subscriber_meet_in_either_order_and_messages_flow() {
     let (mut writer, pid, got) = h.publisher(1, "demo.a", ModeRequest::Reliable);
     // OK to the publisher, CURSOR_GRANTED to the publisher, RING_GRANTED to the subscriber.
     assert_eq!(got.len(), 3, "{got:?}");
+    let got = vec![
+        got.iter().find(|x| x.request_id() == 11).cloned().unwrap(),
+        got.iter()
+            .find(|x| matches!(x.msg(), Msg::CursorGranted(_)))
+            .cloned()
+            .unwrap(),
+        got.iter()
+            .find(|x| matches!(x.msg(), Msg::RingGranted(_)))
+            .cloned()
+            .unwrap(),
+    ];
     let Msg::CursorGranted(cg) = got[1].msg() else {
         panic!("{got:?}")
     };

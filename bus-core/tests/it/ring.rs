@@ -786,3 +786,44 @@ fn forged_sequence_at_u64_max_does_not_overflow() {
         }
     }
 }
+
+/// A subscriber that was there before the publisher reads its ring from the first record; until
+/// its cursor attaches it holds position 0, so a reliable writer fills one ring and then waits
+/// rather than overwriting what that subscriber has not read.
+#[test]
+fn from_start_reader_holds_position_zero_until_it_attaches() {
+    let cfg = config(Mode::Reliable, 4096);
+    let ring_fd = create_ring("from-start", 4096).unwrap();
+    let mut writer =
+        Writer::create(map_ring(&ring_fd, 4096, Access::ReadWrite).unwrap(), cfg).unwrap();
+    seal_read_only(&ring_fd).unwrap();
+    let cfd = create_cursor_page("from-start-cursor").unwrap();
+    let page =
+        Arc::new(CursorPage::init(map_cursor_page(&cfd, Access::ReadWrite).unwrap(), 5).unwrap());
+    seal_read_only(&cfd).unwrap();
+    let view = CursorView::attach(map_cursor_page(&cfd, Access::ReadOnly).unwrap(), 5).unwrap();
+    writer.add_reader_from_start(view, 2, None).unwrap();
+    let mut published = 0;
+    while publish(&mut writer, 100).is_ok() {
+        published += 1;
+        assert!(published < 1000);
+    }
+    assert_eq!(
+        published,
+        4096 / record_bytes(100),
+        "one ring, then it waits"
+    );
+    let mut reader = Reader::attach(
+        map_ring(&ring_fd, 4096, Access::ReadOnly).unwrap(),
+        cfg,
+        Some((page, 2)),
+        StartAt::Beginning,
+    )
+    .unwrap();
+    for seq in 0..published as u64 {
+        let s = reader.try_recv().unwrap().expect("nothing was overwritten");
+        assert_eq!((s.seq(), s.lost_before()), (seq, 0));
+        expect_payload(&s, seq, 100);
+    }
+    publish(&mut writer, 100).expect("space released once the reader read");
+}

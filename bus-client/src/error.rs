@@ -1,0 +1,265 @@
+//! Error types, one small enum per operation. Each message says what to do next.
+
+use std::io;
+use std::time::Duration;
+
+pub use bus_core::frame::{ErrorCode, EvictReason};
+
+/// An ERROR frame from the broker: its code and its human message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the broker refused the request ({code}): {message}")]
+pub struct BrokerError {
+    /// The protocol error code (`docs/protocol.md` §7.5).
+    pub code: ErrorCode,
+    /// The broker's explanation.
+    pub message: String,
+}
+
+/// Why [`crate::Bus::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// Nothing listens at the address.
+    #[error(
+        "no broker at {path} ({cause}): start one with `bus-broker`, or set MEMBUS_SOCKET to \
+         the socket of a running broker"
+    )]
+    NoBroker {
+        /// Where we looked.
+        path: String,
+        /// "connection refused" or "no such file".
+        cause: &'static str,
+    },
+    /// The socket exists but we may not connect to it.
+    #[error(
+        "permission denied connecting to the broker at {path}: the socket's mode or group does \
+         not admit this user; see `bus-broker --group`"
+    )]
+    PermissionDenied {
+        /// The socket.
+        path: String,
+    },
+    /// The address is not a valid socket address.
+    #[error("invalid broker address {path:?}: {reason}")]
+    BadAddress {
+        /// The address given.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The broker answered HELLO with an error.
+    #[error("the broker at {path} refused the connection: {error}")]
+    Refused {
+        /// The socket.
+        path: String,
+        /// The broker's error.
+        error: BrokerError,
+    },
+    /// The broker did not answer HELLO in time.
+    #[error(
+        "the broker at {path} did not answer within {after:?}; it may be overloaded or hung \
+         (check its log), or raise BusOptions::request_timeout"
+    )]
+    Timeout {
+        /// The socket.
+        path: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The broker closed the connection during the handshake.
+    #[error("the broker at {path} closed the connection during the handshake: {reason}")]
+    Closed {
+        /// The socket.
+        path: String,
+        /// What we know.
+        reason: String,
+    },
+    /// Another I/O failure.
+    #[error("cannot connect to the broker at {path}: {source}")]
+    Io {
+        /// The socket.
+        path: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why creating a publisher or subscriber failed ([`crate::Bus::publisher`],
+/// [`crate::Bus::subscriber`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// The broker said no (policy, topic conflict, limits, bad name...).
+    #[error(transparent)]
+    Refused(#[from] BrokerError),
+    /// The connection to the broker is gone.
+    #[error("the broker is gone ({reason}); reconnect with Bus::connect once it runs again")]
+    BrokerGone {
+        /// What we know (EOF, SHUTDOWN message...).
+        reason: String,
+    },
+    /// The broker did not answer in time.
+    #[error("the broker did not answer within {0:?}; check its log, or raise the request timeout")]
+    Timeout(Duration),
+    /// The segment the broker sent could not be mapped or initialised.
+    #[error(
+        "cannot use the shared memory the broker granted: {0}; use Transport::Auto or \
+         Transport::Datagram where shared memory is unavailable"
+    )]
+    Segment(String),
+    /// The broker's reply did not follow the protocol.
+    #[error("unexpected reply from the broker: {0}; are client and broker the same release?")]
+    Protocol(String),
+    /// Sending on the control socket failed.
+    #[error("control socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl From<rustix::io::Errno> for SubscribeError {
+    fn from(e: rustix::io::Errno) -> Self {
+        SubscribeError::Io(e.into())
+    }
+}
+
+/// Creating a publisher fails for the same reasons as creating a subscriber.
+pub type PublisherError = SubscribeError;
+
+/// Why a publish did not happen. Where a retry makes sense the message (or the slice you
+/// passed) is handed back, as in `crossbeam`'s `TrySendError<T>`.
+#[derive(thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError<T> {
+    /// Reliable topic: a subscriber has not released enough space (`try_send`, `try_loan`).
+    #[error("the ring is full: a subscriber has not released space yet; retry, or use send()")]
+    Full(T),
+    /// Reliable topic: space did not become free in time (`send_timeout`).
+    #[error("the ring stayed full for {after:?}: a subscriber is not keeping up")]
+    Timeout {
+        /// The message.
+        payload: T,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// The message is larger than the topic allows.
+    #[error(
+        "message of {len} bytes exceeds this topic's maximum of {max} bytes; create the topic \
+         with a larger max_message_bytes (and ring), or split the message"
+    )]
+    TooLarge {
+        /// The message's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Datagram transport: the broker refused an earlier PUBLISH (for example `too-slow`:
+    /// its backlog for this publisher was full). That earlier message was not published; this
+    /// one was not sent and is handed back.
+    #[error("the broker refused an earlier message, which was not published: {error}")]
+    Refused {
+        /// The message of this call (not sent).
+        payload: T,
+        /// The broker's error.
+        error: BrokerError,
+    },
+    /// The broker is gone: no subscriber can join, and waiting for space is unbounded.
+    #[error("the broker is gone ({reason}); reconnect with Bus::connect once it runs again")]
+    BrokerGone {
+        /// The message.
+        payload: T,
+        /// What we know.
+        reason: String,
+    },
+}
+
+impl<T> PublishError<T> {
+    /// The message handed back, if this error carries one.
+    pub fn into_payload(self) -> Option<T> {
+        match self {
+            PublishError::Full(p)
+            | PublishError::Timeout { payload: p, .. }
+            | PublishError::Refused { payload: p, .. }
+            | PublishError::BrokerGone { payload: p, .. } => Some(p),
+            PublishError::TooLarge { .. } => None,
+        }
+    }
+
+    /// The same error with the payload replaced.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> PublishError<U> {
+        match self {
+            PublishError::Full(p) => PublishError::Full(f(p)),
+            PublishError::Timeout { payload, after } => PublishError::Timeout {
+                payload: f(payload),
+                after,
+            },
+            PublishError::TooLarge { len, max } => PublishError::TooLarge { len, max },
+            PublishError::Refused { payload, error } => PublishError::Refused {
+                payload: f(payload),
+                error,
+            },
+            PublishError::BrokerGone { payload, reason } => PublishError::BrokerGone {
+                payload: f(payload),
+                reason,
+            },
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for PublishError<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            PublishError::Full(_) => "Full",
+            PublishError::Timeout { .. } => "Timeout",
+            PublishError::TooLarge { .. } => "TooLarge",
+            PublishError::Refused { .. } => "Refused",
+            PublishError::BrokerGone { .. } => "BrokerGone",
+        };
+        write!(f, "PublishError::{kind}({self})")
+    }
+}
+
+/// Why a receive failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecvError {
+    /// The broker removed this subscriber from its topic.
+    #[error("evicted from the topic ({reason}): {message}")]
+    Evicted {
+        /// Why.
+        reason: EvictReason,
+        /// The broker's explanation and advice.
+        message: String,
+    },
+    /// The broker is gone and every ring has been read to its end.
+    #[error(
+        "the broker is gone ({reason}) and every message already published has been received; \
+         reconnect with Bus::connect once it runs again"
+    )]
+    BrokerGone {
+        /// What we know.
+        reason: String,
+    },
+    /// A publisher's ring holds invalid data (a faulty or hostile publisher). That ring is
+    /// dropped; the others keep working, so receiving again is fine.
+    #[error("dropped the ring of publisher {publisher_id}: {detail}")]
+    BadRing {
+        /// The publisher.
+        publisher_id: u64,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Lossy topic only: the publisher overwrote the message between the moment `recv` saw it
+    /// and the moment it took it (the thread was descheduled for longer than a ring's worth of
+    /// messages). Nothing is broken: receive again; the next sample's `lost_before` counts what
+    /// was skipped.
+    #[error(
+        "lossy topic: publisher {publisher_id} overwrote the message being taken; receive again"
+    )]
+    Lapped {
+        /// The publisher.
+        publisher_id: u64,
+    },
+    /// Waiting on the wake socket failed.
+    #[error("waiting for messages failed: {0}")]
+    Io(#[from] io::Error),
+}

@@ -1,0 +1,232 @@
+//! Broker processes, child client processes, and message patterns with checksums.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bus_client::{Bus, BusOptions, Transport};
+
+/// A `bus-broker` child process listening on a socket in a temporary directory.
+pub struct Broker {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn broker_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/it-HASH -> target/<profile>/bus-broker
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("bus-broker");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first: cargo build -p bus-broker",
+        bin.display()
+    );
+    bin
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let dir = tempfile::Builder::new()
+            .prefix("membus-it")
+            .tempdir()
+            .expect("tempdir");
+        let socket = dir.path().join("bus.sock");
+        let child = Command::new(broker_binary())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--log")
+            .arg("warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn bus-broker");
+        let mut b = Broker {
+            child: Some(child),
+            socket,
+            _dir: dir,
+        };
+        b.wait_ready();
+        b
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if Bus::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("bus-broker exited early: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bus-broker did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn bus(&self) -> Bus {
+        Bus::connect(&self.socket).expect("connect to the test broker")
+    }
+
+    pub fn bus_with(&self, transport: Transport) -> Bus {
+        Bus::connect_with(&self.socket, BusOptions::new().transport(transport))
+            .expect("connect to the test broker")
+    }
+
+    /// SIGKILL: the broker dies without a word.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A client process: this test binary re-executed in `role`.
+pub struct ChildClient {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl ChildClient {
+    pub fn spawn(role: &str, broker: &Broker, args: &[(&str, String)]) -> ChildClient {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+            .env("MEMBUS_IT_CHILD", role)
+            .env("MEMBUS_SOCKET", &broker.socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        for (k, v) in args {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn child client");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        ChildClient { child, stdout }
+    }
+
+    /// Waits for the child to print `word` on a line of its own.
+    pub fn expect_line(&mut self, word: &str) {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.stdout.read_line(&mut line).unwrap();
+            assert!(n > 0, "child exited before printing {word}");
+            // libtest prints "test child_entry ... " before the child's first line.
+            if line.trim_end().ends_with(word) {
+                return;
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn wait_success(mut self) {
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "child failed: {status}");
+    }
+}
+
+impl Drop for ChildClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn env_u64(key: &str, default: u64) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Message `index` of the checksummed pattern: `[index u64][fnv-1a of body u64][body]`, body
+/// length and bytes derived from `seed` and `index`.
+pub fn pattern(seed: u64, index: u64, max_body: usize, out: &mut Vec<u8>) {
+    let mut rng = fastrand::Rng::with_seed(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let body_len = rng.usize(0..=max_body);
+    out.clear();
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(&[0; 8]);
+    out.extend((0..body_len).map(|_| rng.u8(..)));
+    let sum = fnv(&out[16..]);
+    out[8..16].copy_from_slice(&sum.to_le_bytes());
+}
+
+pub fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Checks a pattern message; returns its index.
+pub fn check_pattern(msg: &[u8]) -> u64 {
+    assert!(
+        msg.len() >= 16,
+        "message of {} bytes is too short",
+        msg.len()
+    );
+    let index = u64::from_le_bytes(msg[..8].try_into().unwrap());
+    let sum = u64::from_le_bytes(msg[8..16].try_into().unwrap());
+    assert_eq!(sum, fnv(&msg[16..]), "checksum mismatch in message {index}");
+    index
+}
+
+/// Waits until `f` is true (polling), failing after a generous timeout.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Runs the role named by `MEMBUS_IT_CHILD`, if any.
+pub fn run_child_role() {
+    let Ok(role) = std::env::var("MEMBUS_IT_CHILD") else {
+        return;
+    };
+    let topic = std::env::var("MEMBUS_IT_TOPIC").unwrap_or_else(|_| "it".into());
+    let bus = Bus::connect_default().expect("child: connect");
+    match role.as_str() {
+        // Publishes COUNT pattern messages once SUBS subscribers are attached.
+        "publisher" => {
+            let count = env_u64("MEMBUS_IT_COUNT", 1000);
+            let subs = env_u64("MEMBUS_IT_SUBS", 1) as usize;
+            let max_body = env_u64("MEMBUS_IT_MAX_BODY", 1000) as usize;
+            let seed = env_u64("MEMBUS_IT_SEED", 1);
+            let mut p = bus.publisher(&topic).expect("child: publisher");
+            eventually("subscribers", || p.subscriber_count() == Some(subs));
+            let mut buf = Vec::new();
+            for i in 0..count {
+                pattern(seed, i, max_body, &mut buf);
+                p.send(&buf).expect("child: send");
+            }
+            println!("DONE");
+            if std::env::var("MEMBUS_IT_LINGER").is_ok() {
+                std::thread::sleep(Duration::from_secs(600));
+            }
+        }
+        // Subscribes, says READY, and never reads.
+        "stuck-subscriber" => {
+            let _s = bus.subscriber(&topic).expect("child: subscriber");
+            println!("READY");
+            std::thread::sleep(Duration::from_secs(600));
+        }
+        other => panic!("unknown child role {other}"),
+    }
+}
