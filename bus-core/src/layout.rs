@@ -20,7 +20,8 @@
 //!  0x030   80    reserved (zero)
 //!  0x080   8     next_pos   (atomic)        writer         after every commit (Release)
 //!  0x088   8     next_seq   (atomic)        writer         after every commit, before next_pos
-//!  0x090   112   padding (own cache pair)
+//!  0x090   8     last_pos   (atomic)        writer         after every commit, before next_pos
+//!  0x098   104   padding (own cache pair)
 //!  0x100   8     claim      (atomic)        writer         before overwriting, in chunks
 //!  0x108   120   padding
 //!  0x180   4     closed     (atomic)        writer         once, when the writer closes
@@ -180,7 +181,9 @@ pub struct RingHeader {
     pub next_pos: AtomicU64,
     /// Sequence number the next record will get (= records committed so far).
     pub next_seq: AtomicU64,
-    _pad0: [u8; 112],
+    /// Position of the newest committed record (where a lapped reader resumes: latest wins).
+    pub last_pos: AtomicU64,
+    _pad0: [u8; 104],
     /// Bytes at absolute positions below `claim - data_bytes` may have been overwritten.
     pub claim: AtomicU64,
     _pad1: [u8; 120],
@@ -285,6 +288,7 @@ const _: () = {
     assert!(offset_of!(RingInfo, publisher_id) == 0x28);
     assert!(offset_of!(RingHeader, next_pos) == 0x80);
     assert!(offset_of!(RingHeader, next_seq) == 0x88);
+    assert!(offset_of!(RingHeader, last_pos) == 0x90);
     assert!(offset_of!(RingHeader, claim) == 0x100);
     assert!(offset_of!(RingHeader, closed) == 0x180);
     assert!(offset_of!(RingHeader, end_seq) == 0x188);

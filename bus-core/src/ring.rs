@@ -253,6 +253,7 @@ unsafe fn atomic_u32<'a>(base: *const u8, off: usize) -> &'a AtomicU32 {
 
 const NEXT_POS_OFF: usize = offset_of!(RingHeader, next_pos);
 const NEXT_SEQ_OFF: usize = offset_of!(RingHeader, next_seq);
+const LAST_POS_OFF: usize = offset_of!(RingHeader, last_pos);
 const CLAIM_OFF: usize = offset_of!(RingHeader, claim);
 const CLOSED_OFF: usize = offset_of!(RingHeader, closed);
 const END_SEQ_OFF: usize = offset_of!(RingHeader, end_seq);
@@ -810,6 +811,7 @@ impl Writer {
         // share a line that stays in our cache otherwise.
         self.header_u64(NEXT_SEQ_OFF)
             .store(self.next_seq, Ordering::Relaxed);
+        self.header_u64(LAST_POS_OFF).store(pos, Ordering::Relaxed);
         self.header_u64(NEXT_POS_OFF)
             .store(self.next_pos, Ordering::Release);
         self.stats.committed += 1;
@@ -1249,16 +1251,26 @@ impl Reader {
         Ok(None)
     }
 
-    /// The reader was lapped: jump to the writer's `next_pos`. The loss is counted exactly from
-    /// the sequence gap of the next record read. (A reader that has not read anything yet has
+    /// The reader was lapped: jump to the writer's newest record (`last_pos`; latest wins), or
+    /// to `next_pos`. The loss is counted exactly from the sequence gap of the next record read. (A reader that has not read anything yet has
     /// no expected sequence, so its first gap is not counted: it joined mid-stream.)
     fn resync(&mut self) -> Result<(), RecvError> {
+        // SYNC POINT: Acquire on next_pos pairs with the writer's Release store after each
+        // commit; last_pos was stored before it, so it names a committed record.
         let next = self.header_u64(NEXT_POS_OFF).load(Ordering::Acquire);
+        let last = self.header_u64(LAST_POS_OFF).load(Ordering::Relaxed);
         let claim = self.header_u64(CLAIM_OFF).load(Ordering::Relaxed);
-        if !next.is_multiple_of(RECORD_ALIGN as u64) || next < self.pos || next > claim {
+        let align = RECORD_ALIGN as u64;
+        if !next.is_multiple_of(align) || next < self.pos || next > claim {
             return Err(self.corrupt(Corruption::BadNextPosition(next)));
         }
-        self.pos = next;
+        // Latest wins: resume at the newest record if it is plausible (aligned, ahead of us,
+        // before next_pos); otherwise at next_pos. A bad last_pos is not trusted, only skipped.
+        self.pos = if last.is_multiple_of(align) && last >= self.pos && last < next {
+            last
+        } else {
+            next
+        };
         self.publish_cursor();
         Ok(())
     }

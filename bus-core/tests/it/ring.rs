@@ -631,7 +631,8 @@ impl Model {
         for _ in 0..2 {
             let intact = self.claim <= self.rpos + self.data;
             if !intact {
-                self.rpos = self.wpos;
+                // Latest wins: the newest record, or the write position if there is none.
+                self.rpos = self.published.last().map_or(self.wpos, |&(p, _)| p);
                 continue;
             }
             let seq = self.published.iter().position(|&(p, _)| p == self.rpos)? as u64;

@@ -1,0 +1,128 @@
+//! Runs every example against a real broker, as a user would (`cargo test` builds the examples
+//! and the broker binary next to this test).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+fn target_dir() -> PathBuf {
+    // target/<profile>/deps/run-HASH -> target/<profile>
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_owned()
+}
+
+fn binary(rel: &str) -> PathBuf {
+    let p = target_dir().join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo build -p bus-broker --examples` or run the \
+         workspace tests)",
+        p.display()
+    );
+    p
+}
+
+struct Broker {
+    child: Child,
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("bus.sock");
+        let mut child = Command::new(binary("bus-broker"))
+            .arg("--socket")
+            .arg(&socket)
+            .env("MEMBUS_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening"), "{line}");
+        Broker {
+            child,
+            _dir: dir,
+            socket,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_example(name: &str, args: &[&str]) -> String {
+    let broker = Broker::start();
+    let out = Command::new(binary(&format!("examples/{name}")))
+        .args(args)
+        .env("MEMBUS_SOCKET", &broker.socket)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{name} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn pubsub() {
+    let out = run_example("pubsub", &[]);
+    assert!(
+        out.contains("hello, Ada (seq 0") && out.contains("hello, Edsger (seq 2"),
+        "{out}"
+    );
+}
+
+#[test]
+fn zero_copy_loan() {
+    let out = run_example("zero_copy_loan", &[]);
+    assert!(
+        out.contains("sensor 3: 293.45 K") && out.contains("sum 1173200 mK"),
+        "{out}"
+    );
+}
+
+#[test]
+fn lossy_feed() {
+    let out = run_example("lossy_feed", &[]);
+    assert!(
+        out.contains("published 1000") && out.contains("lost"),
+        "{out}"
+    );
+}
+
+#[test]
+fn latency_hlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.hlog");
+    let out = run_example("latency_hlog", &[path.to_str().unwrap()]);
+    assert!(out.contains("round 2: p50"), "{out}");
+    let log = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        log.contains("#[StartTime") || log.contains("StartTime"),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with('"'))
+            .count()
+            >= 3,
+        "{log}"
+    );
+}
