@@ -291,8 +291,9 @@ impl Publisher {
         matches!(self.kind, PubKind::Shm(_))
     }
 
-    /// Shared-memory subscribers this publisher currently honours and wakes (datagram
-    /// subscribers are served by the broker and not counted); `None` for a datagram publisher.
+    /// Subscribers whose cursors this publisher currently honours and wakes (a datagram
+    /// subscriber counts too: the broker reads for it through a cursor page of its own);
+    /// `None` for a datagram publisher, whose ring the broker writes.
     pub fn subscriber_count(&mut self) -> Option<usize> {
         self.check_events();
         match &self.kind {

@@ -554,7 +554,7 @@ impl Subscriber {
             if spins < spin_limit {
                 spins += 1;
                 // Look at the clock only now and then while spinning.
-                if spins % 1024 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+                if spins.is_multiple_of(1024) && deadline.is_some_and(|d| Instant::now() >= d) {
                     return Ok(None);
                 }
                 std::hint::spin_loop();

@@ -221,9 +221,10 @@ pub fn run_child_role() {
                 std::thread::sleep(Duration::from_secs(600));
             }
         }
-        // Subscribes, says READY, and never reads.
+        // Subscribes, attaches the publisher's ring, says READY, and never reads.
         "stuck-subscriber" => {
-            let _s = bus.subscriber(&topic).expect("child: subscriber");
+            let mut s = bus.subscriber(&topic).expect("child: subscriber");
+            eventually("the publisher's ring", || s.publisher_count() == 1);
             println!("READY");
             std::thread::sleep(Duration::from_secs(600));
         }

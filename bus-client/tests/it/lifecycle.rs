@@ -49,8 +49,13 @@ fn killed_subscriber_does_not_block_a_reliable_publisher() {
             Err(PublishError::Full(_)) => break,
             Err(e) => panic!("{e}"),
         }
+        assert!(sent < 1_000_000, "a 4 KiB reliable ring must fill up");
     }
     assert!(sent > 0);
+    assert!(matches!(
+        p.send_timeout(b"x", Duration::from_millis(10)),
+        Err(PublishError::Timeout { .. })
+    ));
     child.kill();
     // The broker's PEER_GONE releases the publisher.
     for i in 0..1000u64 {
