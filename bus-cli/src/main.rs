@@ -58,6 +58,9 @@ enum Command {
     },
 }
 
+/// A hidden sub-command: the processes `bus demo` starts.
+type HiddenCommand = fn(&[String]) -> anyhow::Result<()>;
+
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
     // Benchmarks re-execute this program as their second process.
@@ -78,12 +81,11 @@ fn main() -> ExitCode {
         };
     }
     // `bus demo` runs its publisher and subscriber as this program, too.
-    let hidden: Option<fn(&[String]) -> anyhow::Result<()>> =
-        match argv.get(1).and_then(|a| a.to_str()) {
-            Some("__demo-sub") => Some(demo::demo_sub),
-            Some("__demo-pub") => Some(demo::demo_pub),
-            _ => None,
-        };
+    let hidden: Option<HiddenCommand> = match argv.get(1).and_then(|a| a.to_str()) {
+        Some("__demo-sub") => Some(demo::demo_sub),
+        Some("__demo-pub") => Some(demo::demo_pub),
+        _ => None,
+    };
     if let Some(child) = hidden {
         let rest: Vec<String> = argv[2..]
             .iter()

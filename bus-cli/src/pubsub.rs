@@ -267,10 +267,10 @@ pub fn run_sub(a: SubArgs) -> Result<()> {
     }
     out.flush()?;
     drop(out);
-    if a.latency {
-        if let Some(h) = sub.latency() {
-            crate::table::print_latency_table(&[("latency", h)]);
-        }
+    if a.latency
+        && let Some(h) = sub.latency()
+    {
+        crate::table::print_latency_table(&[("latency", h)]);
     }
     if lost > 0 {
         eprintln!("bus sub: {lost} messages were lost (lossy topic, subscriber lapped)");
