@@ -33,6 +33,8 @@ pub mod latency;
 mod options;
 mod publisher;
 mod subscriber;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 pub use bus::{Bus, default_address};
 pub use bus_core::layout::Mode;

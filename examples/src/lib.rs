@@ -7,5 +7,6 @@
 //! cargo run -p membus-examples --example zero_copy_loan
 //! cargo run -p membus-examples --example lossy_feed
 //! cargo run -p membus-examples --example latency_hlog -- latency.hlog
+//! cargo run -p membus-examples --example async_tokio
 //! python3 examples/python/fallback_client.py both
 //! ```

@@ -126,3 +126,12 @@ fn latency_hlog() {
         "{log}"
     );
 }
+
+#[test]
+fn async_tokio() {
+    let out = run_example("async_tokio", &[]);
+    assert!(
+        out.contains("async: received 100 messages, sum 4950"),
+        "{out}"
+    );
+}
