@@ -94,7 +94,32 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn render(doc: &Value) {
+/// Messages per second of publisher `id` since the previous snapshot (`--watch`).
+fn rate(prev: Option<&Value>, id: &Value, messages: &Value, secs: f64) -> String {
+    let Some(prev) = prev else {
+        return "-".into();
+    };
+    let before = prev["topics"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["publishers"].as_array().into_iter().flatten())
+        .find(|p| &p["id"] == id)
+        .and_then(|p| p["messages"].as_u64());
+    match (before, messages.as_u64()) {
+        (Some(b), Some(now)) if secs > 0.0 => {
+            format!("{:.0}/s", now.saturating_sub(b) as f64 / secs)
+        }
+        _ => "-".into(),
+    }
+}
+
+fn render(doc: &Value, prev: Option<&Value>) {
+    let secs = prev.map_or(0.0, |p| {
+        (doc["broker"]["uptime_ms"].as_f64().unwrap_or(0.0)
+            - p["broker"]["uptime_ms"].as_f64().unwrap_or(0.0))
+            / 1000.0
+    });
     let b = &doc["broker"];
     println!(
         "broker {} pid {}  up {:.1} s  clients {}  fds {}  rss {:.1} MiB  evictions {}",
@@ -120,12 +145,21 @@ fn render(doc: &Value) {
             s(&t["evictions"])
         );
         println!(
-            "  {:<4} {:>6} {:>8} {:>6} {:<16} {:<9} {:>12} {:>10} {:>8}",
-            "role", "id", "pid", "uid", "command", "transport", "messages", "lag bytes", "lost"
+            "  {:<4} {:>6} {:>8} {:>6} {:<16} {:<9} {:>12} {:>10} {:>10} {:>8}",
+            "role",
+            "id",
+            "pid",
+            "uid",
+            "command",
+            "transport",
+            "messages",
+            "rate",
+            "lag bytes",
+            "lost"
         );
         for p in t["publishers"].as_array().into_iter().flatten() {
             println!(
-                "  {:<4} {:>6} {:>8} {:>6} {:<16} {:<9} {:>12} {:>10} {:>8}",
+                "  {:<4} {:>6} {:>8} {:>6} {:<16} {:<9} {:>12} {:>10} {:>10} {:>8}",
                 "pub",
                 s(&p["id"]),
                 s(&p["pid"]),
@@ -133,13 +167,14 @@ fn render(doc: &Value) {
                 s(&p["command"]),
                 s(&p["transport"]),
                 s(&p["messages"]),
+                rate(prev, &p["id"], &p["messages"], secs),
                 "-",
                 s(&p["refused"])
             );
         }
         for q in t["subscribers"].as_array().into_iter().flatten() {
             println!(
-                "  {:<4} {:>6} {:>8} {:>6} {:<16} {:<9} {:>12} {:>10} {:>8}",
+                "  {:<4} {:>6} {:>8} {:>6} {:<16} {:<9} {:>12} {:>10} {:>10} {:>8}",
                 "sub",
                 s(&q["id"]),
                 s(&q["pid"]),
@@ -147,6 +182,7 @@ fn render(doc: &Value) {
                 s(&q["command"]),
                 s(&q["delivery"]),
                 s(&q["delivered"]),
+                "-",
                 s(&q["lag_bytes"]),
                 s(&q["lost"])
             );
@@ -160,19 +196,35 @@ pub fn run(a: StatArgs) -> Result<()> {
         Some(s) => s,
         None => bus_client::default_address().to_string_lossy().into_owned(),
     };
+    let mut prev: Option<Value> = None;
     loop {
         let doc = fetch(&address)?;
-        if a.watch {
+        if a.watch && !a.json {
             print!("\x1b[2J\x1b[H");
         }
         if a.json {
             println!("{doc}");
         } else {
-            render(&doc);
+            render(&doc, prev.as_ref());
         }
         if !a.watch {
             return Ok(());
         }
+        prev = Some(doc);
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rate_is_messages_per_second_between_snapshots() {
+        let prev = json!({"topics": [{"publishers": [{"id": 7, "messages": 1000}]}]});
+        assert_eq!(rate(Some(&prev), &json!(7), &json!(3000), 2.0), "1000/s");
+        assert_eq!(rate(None, &json!(7), &json!(3000), 2.0), "-", "first snapshot");
+        assert_eq!(rate(Some(&prev), &json!(8), &json!(5), 1.0), "-", "new publisher");
     }
 }
