@@ -7,7 +7,11 @@
 //! `docs/benchmarks.md` for the method and PERFORMANCE.md for the floors and targets.
 //!
 //! - [`case`]: [`case::Case`], [`case::Params`], [`case::CaseResult`], ratios.
-//! - [`raw`]: the raw baselines; [`membus`] and [`peers`]: the other groups.
+//! - [`raw`]: the raw baselines; [`membus`] and [`peers`]: the other groups. Also in the
+//!   membus group: [`stream`] (throughput 1 -> 1), [`fanout`] (publish cost 1 -> N, idle
+//!   subscribers), [`fallback`] (datagram fallback through a real broker) and [`scale`] (broker
+//!   RSS, fds, connection storm, idle CPU); [`broker`] starts the broker and speaks the protocol.
+//! - [`syscalls`]: `benches syscalls`, system calls per message under `strace`.
 //! - [`peer`]: spawning and running the second process.
 //! - [`shm`]: the shared memfd mapping (unsafe is allowed there and in [`peer`] only).
 //! - [`measure`]: ping-pong into a histogram, spin-waiting, stream results.
@@ -15,8 +19,11 @@
 //! - [`machine`]: CPU model, SMT, kernel, steal time.
 #![deny(unsafe_code)]
 
+pub mod broker;
 pub mod case;
 pub mod checksum;
+pub mod fallback;
+pub mod fanout;
 pub mod harness;
 pub mod machine;
 pub mod measure;
@@ -26,7 +33,10 @@ pub mod peers;
 pub mod plot;
 pub mod raw;
 pub mod report;
+pub mod scale;
 pub mod shm;
+pub mod stream;
+pub mod syscalls;
 
 use case::{Case, Ratio};
 
@@ -34,6 +44,10 @@ use case::{Case, Ratio};
 pub fn all_cases() -> Vec<Case> {
     let mut v = raw::cases();
     v.extend(membus::cases());
+    v.extend(stream::cases());
+    v.extend(fanout::cases());
+    v.extend(fallback::cases());
+    v.extend(scale::cases());
     v.extend(peers::cases());
     v
 }
@@ -42,6 +56,9 @@ pub fn all_cases() -> Vec<Case> {
 pub fn all_ratios() -> Vec<Ratio> {
     let mut v = raw::ratios();
     v.extend(membus::ratios());
+    v.extend(stream::ratios());
+    v.extend(fanout::ratios());
+    v.extend(fallback::ratios());
     v.extend(peers::ratios());
     v
 }

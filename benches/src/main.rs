@@ -3,11 +3,14 @@
 //! ```text
 //! benches list
 //! benches raw    [--quick] [--case NAME]... [--unpinned] [--rounds N] [--out DIR]
-//! benches report [--quick] [--unpinned] [--rounds N] [--out DIR]
+//! benches report [--quick] [--unpinned] [--rounds N] [--out DIR] [--case NAME]...
+//! benches syscalls [--quick] [--case NAME]...
 //! ```
 //!
 //! `raw` runs the raw baselines and prints the table (writing files only with `--out`);
 //! `report` runs every group and writes `target/bench-report/` (or `--out DIR`).
+//! `syscalls` counts system calls per message of streaming cases under strace (see
+//! `benches::syscalls`); it runs the hidden command `__once` (one case, one run).
 
 use std::path::PathBuf;
 
@@ -17,7 +20,8 @@ use benches::{harness, peer, report};
 
 const USAGE: &str = "usage: benches list
        benches raw    [--quick] [--case NAME]... [--unpinned] [--rounds N] [--out DIR]
-       benches report [--quick] [--unpinned] [--rounds N] [--out DIR]";
+       benches report [--quick] [--unpinned] [--rounds N] [--out DIR] [--case NAME]...
+       benches syscalls [--quick] [--case NAME]...";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,6 +45,8 @@ fn main() -> Result<()> {
         }
         "raw" => run(rest, Some(Group::Raw), false),
         "report" => run(rest, None, true),
+        "syscalls" => syscalls(rest),
+        "__once" => once(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())
@@ -99,6 +105,69 @@ fn run(args: &[String], group: Option<Group>, write_by_default: bool) -> Result<
         let files = report::write_all(&run, &dir)?;
         eprintln!("wrote {} files to {}", files.len(), dir.display());
     }
+    Ok(())
+}
+
+/// `benches syscalls`: strace-counted system calls per message.
+fn syscalls(args: &[String]) -> Result<()> {
+    let mut quick = false;
+    let mut names: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--case" => names.push(it.next().context("--case needs a value")?.clone()),
+            _ => bail!("unknown option {a:?}\n{USAGE}"),
+        }
+    }
+    if names.is_empty() {
+        names = benches::syscalls::DEFAULT_CASES
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+    }
+    for n in &names {
+        let c = benches::find_case(n).with_context(|| format!("no case {n:?}"))?;
+        if c.kind != benches::case::Kind::Throughput {
+            bail!("{n} is not a streaming (throughput) case");
+        }
+    }
+    let exe = std::env::current_exe().context("find the current executable")?;
+    let counts = benches::syscalls::count(&exe, &names, quick)?;
+    println!("{}", benches::syscalls::markdown(&counts));
+    Ok(())
+}
+
+/// `__once --case NAME [--quick] [--stream-div N]`: one run of one case (pinned as usual);
+/// prints the headline and `messages N` (for `syscalls`).
+fn once(args: &[String]) -> Result<()> {
+    let mut opts = Options::new()?;
+    let mut name = None;
+    let mut stream_div = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--case" => name = Some(value()?.clone()),
+            "--quick" => opts.quick(),
+            "--stream-div" => stream_div = Some(value()?.parse::<u64>().context("--stream-div")?),
+            _ => bail!("unknown option {a:?}"),
+        }
+    }
+    if let Some(d) = stream_div {
+        opts.stream_scale_div = d.max(1);
+    }
+    let name = name.context("__once needs --case")?;
+    let case = benches::find_case(&name).with_context(|| format!("no case {name:?}"))?;
+    let params = benches::case::Params::new(&case, &opts);
+    let original = rustix::thread::sched_getaffinity(None).context("sched_getaffinity")?;
+    let result = harness::run_one(&case, &params, &original)?;
+    println!("{} {}", case.name, report::headline(&result));
+    let messages = match &result.measurement {
+        benches::case::Measurement::Throughput(t) => t.messages,
+        benches::case::Measurement::Latency(h) => h.len(),
+    };
+    println!("messages {messages}");
     Ok(())
 }
 

@@ -318,11 +318,64 @@ pub fn markdown(run: &Run) -> String {
             );
         }
     }
+    let extras = extra_lines(run);
+    if !extras.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Extra figures (median of the rounds)\n\nCases' own figures beside the table \
+             (also in report.json, per round).\n"
+        );
+        for line in extras {
+            let _ = writeln!(s, "{line}");
+        }
+    }
     let _ = writeln!(s, "\n## Cases\n");
     for c in &run.cases {
         let _ = writeln!(s, "- `{}`: {}", c.name, c.about);
     }
     s
+}
+
+/// One markdown list line per case that reports extra figures: `- `case`: key value, ...`
+/// with the median of each key across rounds.
+fn extra_lines(run: &Run) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, c) in run.cases.iter().enumerate() {
+        let mut keys: Vec<&'static str> = Vec::new();
+        let mut values: Vec<Vec<f64>> = Vec::new();
+        for r in run
+            .rounds
+            .iter()
+            .flat_map(|r| r.runs.iter().filter(|x| x.case == i))
+        {
+            for &(k, v) in &r.result.extra {
+                match keys.iter().position(|&x| x == k) {
+                    Some(j) => values[j].push(v),
+                    None => {
+                        keys.push(k);
+                        values.push(vec![v]);
+                    }
+                }
+            }
+        }
+        if keys.is_empty() {
+            continue;
+        }
+        let parts: Vec<String> = keys
+            .iter()
+            .zip(&values)
+            .filter_map(|(k, v)| {
+                let m = median(v)?;
+                Some(if m.fract() == 0.0 && m.abs() < 1e15 {
+                    format!("{k} {m:.0}")
+                } else {
+                    format!("{k} {m:.3}")
+                })
+            })
+            .collect();
+        out.push(format!("- `{}`: {}", c.name, parts.join(", ")));
+    }
+    out
 }
 
 fn num(v: Option<f64>) -> Value {

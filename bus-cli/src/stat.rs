@@ -224,7 +224,15 @@ mod tests {
     fn rate_is_messages_per_second_between_snapshots() {
         let prev = json!({"topics": [{"publishers": [{"id": 7, "messages": 1000}]}]});
         assert_eq!(rate(Some(&prev), &json!(7), &json!(3000), 2.0), "1000/s");
-        assert_eq!(rate(None, &json!(7), &json!(3000), 2.0), "-", "first snapshot");
-        assert_eq!(rate(Some(&prev), &json!(8), &json!(5), 1.0), "-", "new publisher");
+        assert_eq!(
+            rate(None, &json!(7), &json!(3000), 2.0),
+            "-",
+            "first snapshot"
+        );
+        assert_eq!(
+            rate(Some(&prev), &json!(8), &json!(5), 1.0),
+            "-",
+            "new publisher"
+        );
     }
 }
