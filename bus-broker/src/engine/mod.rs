@@ -221,6 +221,11 @@ pub struct Engine {
     /// Orders publishers and subscribers becoming live: a subscriber reads the ring of a
     /// publisher that became live after it from the ring's first record.
     live_clock: u64,
+    /// Connections in the order they arrived, with their HELLO deadline. Deadlines grow in
+    /// this order (one fixed timeout), so the front is the next to expire; entries of clients
+    /// that said HELLO or left are skipped and dropped lazily. Keeps `next_deadline` O(1)
+    /// amortised instead of a walk over every client on each loop turn.
+    hello_deadlines: VecDeque<(Instant, ConnId)>,
 }
 
 fn mode_of(req: ModeRequest) -> Option<Mode> {
@@ -278,6 +283,7 @@ impl Engine {
             now,
             scratch: Vec::with_capacity(MAX_FRAME_BYTES),
             live_clock: 0,
+            hello_deadlines: VecDeque::new(),
         };
         for d in e.decls.clone() {
             let id = e.alloc_id();
@@ -387,6 +393,9 @@ impl Engine {
             inflight: 0,
         };
         let full = self.clients.len() >= self.limits.max_clients as usize;
+        if let Phase::AwaitingHello { deadline } = client.phase {
+            self.hello_deadlines.push_back((deadline, conn));
+        }
         self.clients.insert(conn, client);
         if full {
             let msg = format!(
@@ -448,14 +457,17 @@ impl Engine {
     /// Time passed; call at [`Engine::next_deadline`] (or later).
     pub fn on_tick(&mut self, now: Instant) {
         self.now = now;
-        let expired: Vec<ConnId> = self
-            .clients
-            .iter()
-            .filter_map(|(&conn, c)| match c.phase {
-                Phase::AwaitingHello { deadline } if deadline <= now => Some(conn),
-                _ => None,
-            })
-            .collect();
+        self.drop_stale_hello_deadlines();
+        let mut expired = Vec::new();
+        while let Some(&(deadline, conn)) = self.hello_deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.hello_deadlines.pop_front();
+            if self.awaiting_hello(conn) {
+                expired.push(conn);
+            }
+        }
         for conn in expired {
             let msg = format!(
                 "no HELLO within {} ms of connecting; send HELLO first",
@@ -499,13 +511,10 @@ impl Engine {
     /// When the engine next needs [`Engine::on_tick`]; `None`: not until another event.
     pub fn next_deadline(&self) -> Option<Instant> {
         let handshake = self
-            .clients
-            .values()
-            .filter_map(|c| match c.phase {
-                Phase::AwaitingHello { deadline } => Some(deadline),
-                Phase::Ready => None,
-            })
-            .min();
+            .hello_deadlines
+            .iter()
+            .find(|&&(_, conn)| self.awaiting_hello(conn))
+            .map(|&(deadline, _)| deadline);
         let backlog = self
             .publishers
             .values()
@@ -520,6 +529,22 @@ impl Engine {
             None
         };
         [handshake, backlog, stall].into_iter().flatten().min()
+    }
+
+    fn awaiting_hello(&self, conn: ConnId) -> bool {
+        self.clients
+            .get(&conn)
+            .is_some_and(|c| matches!(c.phase, Phase::AwaitingHello { .. }))
+    }
+
+    /// Pops entries of clients that said HELLO or left from the front of `hello_deadlines`.
+    fn drop_stale_hello_deadlines(&mut self) {
+        while let Some(&(_, conn)) = self.hello_deadlines.front() {
+            if self.awaiting_hello(conn) {
+                break;
+            }
+            self.hello_deadlines.pop_front();
+        }
     }
 
     fn needs_stall_checks(&self) -> bool {
@@ -671,6 +696,8 @@ impl Engine {
             return Ok(());
         }
         c.phase = Phase::Ready;
+        self.drop_stale_hello_deadlines();
+        let c = self.clients.get_mut(&conn).expect("checked by on_frame");
         c.name = h.client_name.to_owned();
         c.transport = h.transport;
         tracing::debug!(conn, pid = c.creds.pid, uid = c.creds.uid, name = %c.name, "hello");
