@@ -46,6 +46,7 @@ use bus_core::wake::{WakeReceiver, WakeSender, pair, protocol};
 use crate::case::{Case, CaseResult, Group, Kind, Metric, Params, Pinning, Ratio, Throughput};
 use crate::checksum::{pattern_byte, pattern_sum, sum};
 use crate::measure::{check_sum, pingpong};
+use crate::membus::{PARENT_SUB, PEER_SUB, PeerRings};
 use crate::peer::{Peer, PeerCtx};
 use crate::shm::Region;
 
@@ -250,9 +251,6 @@ fn fanout_sub(mut ctx: PeerCtx, id: u64, parks: bool) -> Result<()> {
 // Ping-pong with idle subscribers
 // ---------------------------------------------------------------------------------------------
 
-const PARENT_SUB: u64 = 1;
-const PEER_SUB: u64 = 2;
-
 #[inline]
 fn send(w: &mut Writer, size: usize, byte: u8) -> Result<()> {
     let mut loan = w.try_loan(size).map_err(|e| anyhow!("{e}"))?;
@@ -374,32 +372,15 @@ fn idle_sub(mut ctx: PeerCtx, id: u64) -> Result<()> {
 
 fn pong_peer(mut ctx: PeerCtx, id: u64) -> Result<()> {
     let size = ctx.params.size;
-    let ping_cfg = config(size, 1);
-    let pong_cfg = config(size, 2);
-    let ping_fd = ctx.take_fd(1)?;
-    let pong_fd = ctx.take_fd(2)?;
-    let own_page_fd = ctx.take_fd(3)?;
-    let parent_page_fd = ctx.take_fd(4)?;
-    let own_page = Arc::new(CursorPage::init_with(
-        map_cursor_page(&own_page_fd, Access::ReadWrite)?,
-        id,
-        true,
-    )?);
-    let mut pong = Writer::create(
-        map_ring(&pong_fd, pong_cfg.data_bytes as usize, Access::ReadWrite)?,
-        pong_cfg,
-    )?;
-    let view = CursorView::attach(
-        map_cursor_page(&parent_page_fd, Access::ReadOnly)?,
-        PARENT_SUB,
-    )?;
-    pong.add_reader(view, 0, None)?;
-    let mut ping = Reader::attach(
-        map_ring(&ping_fd, ping_cfg.data_bytes as usize, Access::ReadOnly)?,
-        ping_cfg,
-        Some((own_page, 0)),
-        StartAt::Beginning,
-    )?;
+    let fds = [
+        ctx.take_fd(1)?,
+        ctx.take_fd(2)?,
+        ctx.take_fd(3)?,
+        ctx.take_fd(4)?,
+    ];
+    let PeerRings {
+        mut pong, mut ping, ..
+    } = PeerRings::open(fds, (config(size, 1), config(size, 2)), id, true, None)?;
     ctx.ready()?;
     let mut got = 0u64;
     for i in 0..ctx.params.round_trips() {

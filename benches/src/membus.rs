@@ -33,8 +33,10 @@ use crate::peer::{Peer, PeerCtx};
 
 const PING_SALT: u8 = 0x3c;
 const PONG_SALT: u8 = 0xc3;
-const PARENT_SUB: u64 = 1;
-const PEER_SUB: u64 = 2;
+/// Subscriber id of the parent's cursor page in the ping-pong cases.
+pub(crate) const PARENT_SUB: u64 = 1;
+/// Subscriber id of the peer's cursor page in the ping-pong cases.
+pub(crate) const PEER_SUB: u64 = 2;
 
 /// How a receiver waits for the next record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,41 +173,76 @@ fn run(p: &Params, wait: Wait) -> Result<CaseResult> {
     Ok(result)
 }
 
+/// The peer side of a two-ring ping-pong: the peer's own cursor page, the pong ring it writes
+/// (honouring, and waking if given a wake socket, the parent through the parent's cursor page),
+/// and the ping ring it reads from its first record. Shared with the fan-out cases.
+pub(crate) struct PeerRings {
+    /// The peer's cursor page.
+    pub page: Arc<CursorPage>,
+    /// The pong ring, written by the peer.
+    pub pong: Writer,
+    /// The ping ring, read by the peer.
+    pub ping: Reader,
+}
+
+impl PeerRings {
+    /// `fds`: ping ring, pong ring, the peer's cursor page, the parent's cursor page.
+    pub(crate) fn open(
+        [ping_fd, pong_fd, own_page_fd, parent_page_fd]: [OwnedFd; 4],
+        (ping_cfg, pong_cfg): (RingConfig, RingConfig),
+        id: u64,
+        never_parks: bool,
+        parent_wake: Option<WakeSender>,
+    ) -> Result<PeerRings> {
+        let page = Arc::new(CursorPage::init_with(
+            map_cursor_page(&own_page_fd, Access::ReadWrite)?,
+            id,
+            never_parks,
+        )?);
+        let mut pong = Writer::create(
+            map_ring(&pong_fd, pong_cfg.data_bytes as usize, Access::ReadWrite)?,
+            pong_cfg,
+        )?;
+        let view = CursorView::attach(
+            map_cursor_page(&parent_page_fd, Access::ReadOnly)?,
+            PARENT_SUB,
+        )?;
+        pong.add_reader(view, 0, parent_wake)?;
+        let ping = Reader::attach(
+            map_ring(&ping_fd, ping_cfg.data_bytes as usize, Access::ReadOnly)?,
+            ping_cfg,
+            Some((page.clone(), 0)),
+            StartAt::Beginning,
+        )?;
+        Ok(PeerRings { page, pong, ping })
+    }
+}
+
 fn peer(mut ctx: PeerCtx, wait: Wait) -> Result<()> {
     let size = ctx.params.size;
-    let ping_cfg = config(size, 1);
-    let pong_cfg = config(size, 2);
-    let ping_fd = ctx.take_fd(0)?;
-    let pong_fd = ctx.take_fd(1)?;
-    let own_page_fd = ctx.take_fd(2)?;
-    let parent_page_fd = ctx.take_fd(3)?;
+    let fds = [
+        ctx.take_fd(0)?,
+        ctx.take_fd(1)?,
+        ctx.take_fd(2)?,
+        ctx.take_fd(3)?,
+    ];
     let wake = WakeReceiver::from_fd(ctx.take_fd(4)?)?;
     let parent_wake = WakeSender::from_fd(ctx.take_fd(5)?);
-
-    let own_page = Arc::new(CursorPage::init_with(
-        map_cursor_page(&own_page_fd, Access::ReadWrite)?,
+    let PeerRings {
+        page,
+        mut pong,
+        mut ping,
+    } = PeerRings::open(
+        fds,
+        (config(size, 1), config(size, 2)),
         PEER_SUB,
         wait == Wait::Spin,
-    )?);
-    let mut pong = Writer::create(
-        map_ring(&pong_fd, pong_cfg.data_bytes as usize, Access::ReadWrite)?,
-        pong_cfg,
-    )?;
-    let view = CursorView::attach(
-        map_cursor_page(&parent_page_fd, Access::ReadOnly)?,
-        PARENT_SUB,
-    )?;
-    pong.add_reader(view, 0, Some(parent_wake))?;
-    let mut ping = Reader::attach(
-        map_ring(&ping_fd, ping_cfg.data_bytes as usize, Access::ReadOnly)?,
-        ping_cfg,
-        Some((own_page.clone(), 0)),
-        StartAt::Beginning,
+        Some(parent_wake),
     )?;
     ctx.ready()?;
     let mut got = 0u64;
     for i in 0..ctx.params.round_trips() {
-        let (s, _) = recv(&mut ping, wait, &own_page, &wake).context("ping")?;
+        let (s, _) = recv(&mut ping, wait, &page, &wake).context("ping")?;
         got = got.wrapping_add(s);
         send(&mut pong, size, pattern_byte(i, PONG_SALT))?;
     }
