@@ -383,3 +383,214 @@ pub struct Ratio {
     /// The target from PERFORMANCE.md section 3, as text (e.g. "<= 2.0"), if any.
     pub target: Option<&'static str>,
 }
+
+/// How a figure compares with its target, for the report's "verdict" column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The stretch target is met too.
+    Stretch,
+    /// The target is met.
+    Met,
+    /// The target is missed.
+    Missed,
+    /// A stretch-only target ("... (stretch)") that is not met: not a failure.
+    StretchMissed,
+}
+
+impl Verdict {
+    /// Text for tables and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Stretch => "met, stretch too",
+            Verdict::Met => "met",
+            Verdict::Missed => "MISSED",
+            Verdict::StretchMissed => "stretch not met",
+        }
+    }
+}
+
+/// A target as written in the ratio and limit lists: a comparison and a number first
+/// (`<= 2.0`, `< 1.0`, `>= 3.0`, `> 0`), then free text; `(stretch X)` names a stretch bound
+/// with the same comparison, `(stretch)` alone marks the whole target as a stretch goal.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Target {
+    op: Op,
+    value: f64,
+    stretch: Option<f64>,
+    stretch_only: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Le,
+    Lt,
+    Ge,
+    Gt,
+}
+
+impl Op {
+    fn holds(self, v: f64, bound: f64) -> bool {
+        match self {
+            Op::Le => v <= bound,
+            Op::Lt => v < bound,
+            Op::Ge => v >= bound,
+            Op::Gt => v > bound,
+        }
+    }
+}
+
+impl Target {
+    /// Parses `text`; the error says what is wrong (the unit tests parse every listed target).
+    pub fn parse(text: &str) -> Result<Target> {
+        let mut words = text.split_whitespace();
+        let op = match words.next() {
+            Some("<=") => Op::Le,
+            Some("<") => Op::Lt,
+            Some(">=") => Op::Ge,
+            Some(">") => Op::Gt,
+            other => bail!("target {text:?}: starts with {other:?}, not <=, <, >= or >"),
+        };
+        let number = |w: Option<&str>| -> Result<f64> {
+            let w = w.with_context(|| format!("target {text:?}: no number"))?;
+            w.trim_end_matches([';', ',', ')'])
+                .parse()
+                .with_context(|| format!("target {text:?}: {w:?} is not a number"))
+        };
+        let value = number(words.next())?;
+        let stretch = match text.find("(stretch ") {
+            Some(i) => {
+                let rest = &text[i + "(stretch ".len()..];
+                match rest.split_whitespace().next() {
+                    Some(w) if w.starts_with(|c: char| c.is_ascii_digit()) => {
+                        Some(number(Some(w))?)
+                    }
+                    _ => None,
+                }
+            }
+            None => None,
+        };
+        Ok(Target {
+            op,
+            value,
+            stretch,
+            stretch_only: text.contains("(stretch)"),
+        })
+    }
+
+    /// The verdict for figure `v`.
+    pub fn verdict(&self, v: f64) -> Verdict {
+        let met = self.op.holds(v, self.value);
+        match (met, self.stretch_only) {
+            (true, true) => Verdict::Stretch,
+            (false, true) => Verdict::StretchMissed,
+            (false, false) => Verdict::Missed,
+            (true, false) if self.stretch.is_some_and(|s| self.op.holds(v, s)) => Verdict::Stretch,
+            (true, false) => Verdict::Met,
+        }
+    }
+}
+
+/// Where a [`Limit`] reads its figure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Figure {
+    /// A latency quantile or throughput figure of the case.
+    Metric(Metric),
+    /// One of the case's extra figures (e.g. `rss_kib_10k`).
+    Extra(&'static str),
+}
+
+/// An absolute target of one case's figure (PERFORMANCE.md targets with no reference case),
+/// checked against the median across rounds.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit {
+    /// The case.
+    pub case: &'static str,
+    /// The figure.
+    pub figure: Figure,
+    /// What the figure is, in words, with its unit.
+    pub what: &'static str,
+    /// The target, in the figure's unit (the grammar of [`Target`]).
+    pub target: &'static str,
+}
+
+impl Limit {
+    /// The figure from `r`, if `r` has it.
+    pub fn of(&self, r: &CaseResult) -> Option<f64> {
+        match self.figure {
+            Figure::Metric(m) => m.of(r),
+            Figure::Extra(k) => r.extra.iter().find(|(x, _)| *x == k).map(|&(_, v)| v),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_judge() {
+        let t = Target::parse("<= 2.0 (stretch 1.5)").unwrap();
+        assert_eq!(t.verdict(1.4), Verdict::Stretch);
+        assert_eq!(t.verdict(1.5), Verdict::Stretch);
+        assert_eq!(t.verdict(1.8), Verdict::Met);
+        assert_eq!(t.verdict(2.0), Verdict::Met);
+        assert_eq!(t.verdict(2.01), Verdict::Missed);
+        let t = Target::parse(">= 3.0").unwrap();
+        assert_eq!(t.verdict(3.0), Verdict::Met);
+        assert_eq!(t.verdict(2.9), Verdict::Missed);
+        let t = Target::parse("< 1.0").unwrap();
+        assert_eq!(t.verdict(1.0), Verdict::Missed);
+        assert_eq!(t.verdict(0.99), Verdict::Met);
+        let t = Target::parse(">= 0.5 (stretch)").unwrap();
+        assert_eq!(t.verdict(0.6), Verdict::Stretch);
+        assert_eq!(t.verdict(0.4), Verdict::StretchMissed);
+        let t = Target::parse("<= 2.2 (stretch 2.0); two hops vs one").unwrap();
+        assert_eq!(t.verdict(2.1), Verdict::Met);
+        assert_eq!(t.verdict(1.9), Verdict::Stretch);
+        let t = Target::parse("<= 1.1 (stretch: eventfd floor)").unwrap();
+        assert_eq!(t.verdict(1.0), Verdict::Met);
+        assert!(Target::parse("about 2").is_err());
+        assert!(Target::parse("<= two").is_err());
+        assert!(Target::parse("<=").is_err());
+    }
+
+    #[test]
+    fn case_names_are_unique_and_every_target_parses_and_names_real_cases() {
+        let cases = crate::all_cases();
+        let mut names: Vec<&str> = cases.iter().map(|c| c.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), cases.len(), "duplicate case name");
+        let known = |n: &str| names.contains(&n) || crate::peers::cases_named().contains(&n);
+        for r in crate::all_ratios() {
+            if let Some(t) = r.target {
+                Target::parse(t)
+                    .unwrap_or_else(|e| panic!("{} / {}: {e}", r.numerator, r.denominator));
+            }
+            assert!(
+                known(r.numerator),
+                "ratio names unknown case {}",
+                r.numerator
+            );
+            assert!(
+                known(r.denominator),
+                "ratio names unknown case {}",
+                r.denominator
+            );
+        }
+        for l in crate::all_limits() {
+            Target::parse(l.target).unwrap_or_else(|e| panic!("{}: {e}", l.case));
+            assert!(known(l.case), "limit names unknown case {}", l.case);
+        }
+    }
+
+    #[test]
+    fn peer_case_names_match_the_built_cases() {
+        let built: Vec<&str> = crate::peers::cases().iter().map(|c| c.name).collect();
+        if crate::peers::BUILT {
+            assert_eq!(built, crate::peers::cases_named());
+        } else {
+            assert!(built.is_empty());
+        }
+    }
+}

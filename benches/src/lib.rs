@@ -38,7 +38,7 @@ pub mod shm;
 pub mod stream;
 pub mod syscalls;
 
-use case::{Case, Ratio};
+use case::{Case, Limit, Ratio};
 
 /// Every case of every group, in group order.
 pub fn all_cases() -> Vec<Case> {
@@ -61,6 +61,11 @@ pub fn all_ratios() -> Vec<Ratio> {
     v.extend(fallback::ratios());
     v.extend(peers::ratios());
     v
+}
+
+/// Every absolute target (a figure of one case against a fixed bound).
+pub fn all_limits() -> Vec<Limit> {
+    scale::limits()
 }
 
 /// The case called `name`, if any.

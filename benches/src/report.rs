@@ -13,7 +13,7 @@ use hdrhistogram::serialization::V2Serializer;
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use serde_json::{Value, json};
 
-use crate::case::{CaseResult, Kind, Measurement};
+use crate::case::{CaseResult, Kind, Limit, Measurement, Target};
 use crate::harness::Run;
 use crate::machine::{iso8601_utc, ticks_to_ms};
 
@@ -298,8 +298,8 @@ pub fn markdown(run: &Run) -> String {
     let ratios = ratio_summaries(run);
     if !ratios.is_empty() {
         let _ = writeln!(s, "\n## Ratios (within each round)\n");
-        let _ = writeln!(s, "| ratio | metric | median | range | target |");
-        let _ = writeln!(s, "|---|---|---|---|---|");
+        let _ = writeln!(s, "| ratio | metric | median | range | target | verdict |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
         for rs in ratios {
             let r = &run.ratios[rs.ratio];
             let (med, range) = rs.spread.map_or(("-".into(), "-".into()), |s| {
@@ -310,11 +310,34 @@ pub fn markdown(run: &Run) -> String {
             });
             let _ = writeln!(
                 s,
-                "| {} / {} | {} | {med} | {range} | {} |",
+                "| {} / {} | {} | {med} | {range} | {} | {} |",
                 r.numerator,
                 r.denominator,
                 r.metric.as_str(),
-                r.target.unwrap_or("-")
+                r.target.unwrap_or("-"),
+                verdict_text(r.target, rs.spread, &[r.numerator, r.denominator])
+            );
+        }
+    }
+    let limits = limit_summaries(run);
+    if !limits.is_empty() {
+        let _ = writeln!(s, "\n## Fixed targets\n");
+        let _ = writeln!(s, "| figure | case | median | range | target | verdict |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        for (l, spread) in limits {
+            let (med, range) = spread.map_or(("-".into(), "-".into()), |s| {
+                (
+                    fmt_figure(s.median),
+                    format!("{}..{}", fmt_figure(s.min), fmt_figure(s.max)),
+                )
+            });
+            let _ = writeln!(
+                s,
+                "| {} | {} | {med} | {range} | {} | {} |",
+                l.what,
+                l.case,
+                l.target,
+                verdict_text(Some(l.target), spread, &[l.case])
             );
         }
     }
@@ -334,6 +357,54 @@ pub fn markdown(run: &Run) -> String {
         let _ = writeln!(s, "- `{}`: {}", c.name, c.about);
     }
     s
+}
+
+/// Every [`crate::all_limits`] target with the spread of its figure across the rounds.
+pub fn limit_summaries(run: &Run) -> Vec<(Limit, Option<Spread>)> {
+    crate::all_limits()
+        .into_iter()
+        .map(|l| {
+            let v: Vec<f64> = run
+                .rounds
+                .iter()
+                .flat_map(|r| r.runs.iter())
+                .filter(|c| run.cases[c.case].name == l.case)
+                .filter_map(|c| l.of(&c.result))
+                .collect();
+            (l, Spread::of(&v))
+        })
+        .collect()
+}
+
+/// The verdict of a target on the median of `spread`, or why there is none: no target, a case
+/// not run (or not built: the peer cases need `--features peers`).
+pub fn verdict_text(target: Option<&str>, spread: Option<Spread>, cases: &[&str]) -> String {
+    let Some(spread) = spread else {
+        let peer_missing = !crate::peers::BUILT
+            && cases
+                .iter()
+                .any(|c| crate::peers::cases_named().contains(c));
+        return if peer_missing {
+            "not built (--features peers)".to_owned()
+        } else {
+            "not run".to_owned()
+        };
+    };
+    let Some(target) = target else {
+        return "-".to_owned();
+    };
+    match Target::parse(target) {
+        Ok(t) => t.verdict(spread.median).as_str().to_owned(),
+        Err(e) => format!("bad target: {e}"),
+    }
+}
+
+fn fmt_figure(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 /// One markdown list line per case that reports extra figures: `- `case`: key value, ...`
@@ -471,8 +542,21 @@ pub fn json(run: &Run) -> Value {
                 "denominator": r.denominator,
                 "metric": r.metric.as_str(),
                 "target": r.target,
+                "verdict": verdict_text(r.target, rs.spread, &[r.numerator, r.denominator]),
                 "per_round": rs.per_round,
                 "spread": spread_json(rs.spread),
+            })
+        })
+        .collect();
+    let limits: Vec<Value> = limit_summaries(run)
+        .into_iter()
+        .map(|(l, spread)| {
+            json!({
+                "case": l.case,
+                "figure": l.what,
+                "target": l.target,
+                "verdict": verdict_text(Some(l.target), spread, &[l.case]),
+                "spread": spread_json(spread),
             })
         })
         .collect();
@@ -497,7 +581,7 @@ pub fn json(run: &Run) -> Value {
         },
         "rounds": rounds,
         "results": results,
-        "summary": {"cases": cases, "ratios": ratios},
+        "summary": {"cases": cases, "ratios": ratios, "limits": limits},
     })
 }
 

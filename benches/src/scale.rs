@@ -36,7 +36,7 @@ use bus_core::sys::scm::{FdBatch, Received, recv_frame, send_frame};
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 use crate::broker::{Broker, connect};
-use crate::case::{Case, CaseResult, Group, Kind, Params, Pinning};
+use crate::case::{Case, CaseResult, Figure, Group, Kind, Limit, Metric, Params, Pinning};
 use crate::measure::new_histogram;
 
 const IDLE_LEVELS: [usize; 2] = [1_000, 10_000];
@@ -306,4 +306,34 @@ pub fn cases() -> Vec<Case> {
         run,
         peer: None,
     }]
+}
+
+/// The broker's absolute targets (PERFORMANCE.md section 3), checked on the median of the rounds.
+pub fn limits() -> Vec<Limit> {
+    vec![
+        Limit {
+            case: "broker-scale",
+            figure: Figure::Extra("rss_kib_10k"),
+            what: "broker RSS with 10,000 connected clients, KiB",
+            target: "<= 65536 (64 MiB)",
+        },
+        Limit {
+            case: "broker-scale",
+            figure: Figure::Metric(Metric::P99),
+            what: "connect + subscribe p99 with 10,000 clients connected, ns",
+            target: "<= 100000 (100 us)",
+        },
+        Limit {
+            case: "broker-scale",
+            figure: Figure::Extra("idle_cpu_pct"),
+            what: "idle broker CPU, % of one CPU (clock-tick resolution)",
+            target: "<= 0",
+        },
+        Limit {
+            case: "broker-scale",
+            figure: Figure::Extra("idle_wakeups_per_s"),
+            what: "idle broker context switches per second",
+            target: "<= 1",
+        },
+    ]
 }

@@ -198,19 +198,3 @@ pub fn ratios() -> Vec<Ratio> {
         ),
     ]
 }
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn every_case_name_is_unique_and_every_ratio_names_cases() {
-        let cases = crate::all_cases();
-        let mut names: Vec<_> = cases.iter().map(|c| c.name).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), cases.len(), "duplicate case name");
-        for r in crate::all_ratios() {
-            assert!(names.contains(&r.numerator), "{}", r.numerator);
-            assert!(names.contains(&r.denominator), "{}", r.denominator);
-        }
-    }
-}

@@ -147,7 +147,24 @@ fn quick_report_is_complete_and_well_formed() {
     let ratios = json["summary"]["ratios"]
         .as_array()
         .expect("summary.ratios");
+    let verdicts = ["met, stretch too", "met", "MISSED", "stretch not met"];
+    let mut not_built = 0;
     for r in ratios {
+        let verdict = r["verdict"].as_str().expect("ratio verdict");
+        if verdict == "not built (--features peers)" {
+            // Only the peer ratios, and only in a build without the peer cases.
+            let built = cfg!(feature = "peers");
+            assert!(!built, "{r}");
+            assert!(
+                r["denominator"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("iceoryx2")),
+                "{r}"
+            );
+            assert_eq!(r["per_round"].as_array().map(Vec::len), Some(0), "{r}");
+            not_built += 1;
+            continue;
+        }
         assert_eq!(
             r["per_round"].as_array().map(Vec::len),
             Some(rounds.len()),
@@ -157,6 +174,28 @@ fn quick_report_is_complete_and_well_formed() {
             r["spread"]["median"].as_f64().is_some_and(|m| m > 0.0),
             "{r}"
         );
+        if r["target"].is_null() {
+            assert_eq!(verdict, "-", "{r}");
+        } else {
+            assert!(verdicts.contains(&verdict), "{r}");
+        }
+    }
+    if !cfg!(feature = "peers") {
+        assert!(
+            not_built > 0,
+            "the peer ratios are listed even when not built"
+        );
+    }
+    let limits = json["summary"]["limits"]
+        .as_array()
+        .expect("summary.limits");
+    assert!(limits.len() >= 4, "the broker's fixed targets: {limits:?}");
+    for l in limits {
+        assert!(
+            l["verdict"].as_str().is_some_and(|v| verdicts.contains(&v)),
+            "{l}"
+        );
+        assert!(l["spread"]["median"].as_f64().is_some(), "{l}");
     }
 
     // Markdown: a table row per case.
@@ -167,6 +206,28 @@ fn quick_report_is_complete_and_well_formed() {
             .filter(|l| l.starts_with(&format!("| {name} |")))
             .count();
         assert_eq!(rows, 1, "{name}: expected one table row in report.md");
+    }
+    let section = |title: &str| -> Vec<&str> {
+        md.split(title)
+            .nth(1)
+            .unwrap_or_else(|| panic!("report.md has no {title:?} section"))
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .skip(2)
+            .collect()
+    };
+    assert_eq!(section("## Ratios").len(), ratios.len());
+    assert_eq!(section("## Fixed targets").len(), limits.len());
+    for row in section("## Ratios")
+        .into_iter()
+        .chain(section("## Fixed targets"))
+    {
+        let verdict = row.trim_end_matches('|').rsplit('|').next().unwrap().trim();
+        assert!(
+            verdicts.contains(&verdict) || verdict == "-" || verdict.starts_with("not built"),
+            "{row}"
+        );
     }
 
     // hlog and SVG per latency case; hlogs parse back with one histogram per round.
