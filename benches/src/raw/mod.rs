@@ -6,6 +6,7 @@ pub mod memcpy;
 pub mod ring;
 pub mod shm;
 pub mod socket;
+pub mod uring;
 
 use anyhow::Result;
 use rustix::net::SocketType;
@@ -112,6 +113,22 @@ pub fn cases() -> Vec<Case> {
             Some(stream_peer),
         ),
         case(
+            "tcp-pingpong-64",
+            64,
+            Latency,
+            "TCP loopback (127.0.0.1, TCP_NODELAY) blocking ping-pong, 64 B",
+            socket::tcp_pingpong_run,
+            Some(stream_peer),
+        ),
+        case(
+            "seqpacket-uring-pingpong-64",
+            64,
+            Latency,
+            "seqpacket-pingpong-64, but each side waits in io_uring (RECVMSG + io_uring_enter)",
+            uring::pingpong_run,
+            Some(uring::pingpong_peer),
+        ),
+        case(
             "seqpacket-stream-64",
             64,
             Throughput,
@@ -201,6 +218,12 @@ pub fn ratios() -> Vec<Ratio> {
             Metric::P50,
         ),
         r("eventfd-pingpong", "seqpacket-pingpong-64", Metric::P50),
+        r("tcp-pingpong-64", "seqpacket-pingpong-64", Metric::P50),
+        r(
+            "seqpacket-uring-pingpong-64",
+            "seqpacket-pingpong-64",
+            Metric::P50,
+        ),
         r("futex-pingpong", "eventfd-pingpong", Metric::P50),
         r("shm-pingpong-64k", "seqpacket-pingpong-64k", Metric::P50),
         r("ring-headtail-64", "ring-slots-64", Metric::MsgsPerSec),
