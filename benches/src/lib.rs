@@ -7,7 +7,8 @@
 //! `docs/benchmarks.md` for the method and PERFORMANCE.md for the floors and targets.
 //!
 //! - [`case`]: [`case::Case`], [`case::Params`], [`case::CaseResult`], ratios.
-//! - [`raw`]: the raw baselines; [`membus`] and [`peers`]: the other groups. Also in the
+//! - [`raw`]: the raw baselines; [`membus`] and [`peers`]: the other groups; [`client`]: membus
+//!   through `bus-client` and a real broker, as applications use it. Also in the
 //!   membus group: [`stream`] (throughput 1 -> 1), [`fanout`] (publish cost 1 -> N, idle
 //!   subscribers), [`fallback`] (datagram fallback through a real broker) and [`scale`] (broker
 //!   RSS, fds, connection storm, idle CPU); [`broker`] starts the broker and speaks the protocol.
@@ -22,6 +23,7 @@
 pub mod broker;
 pub mod case;
 pub mod checksum;
+pub mod client;
 pub mod fallback;
 pub mod fanout;
 pub mod harness;
@@ -44,6 +46,7 @@ use case::{Case, Limit, Ratio};
 pub fn all_cases() -> Vec<Case> {
     let mut v = raw::cases();
     v.extend(membus::cases());
+    v.extend(client::cases());
     v.extend(stream::cases());
     v.extend(fanout::cases());
     v.extend(fallback::cases());
@@ -56,6 +59,7 @@ pub fn all_cases() -> Vec<Case> {
 pub fn all_ratios() -> Vec<Ratio> {
     let mut v = raw::ratios();
     v.extend(membus::ratios());
+    v.extend(client::ratios());
     v.extend(stream::ratios());
     v.extend(fanout::ratios());
     v.extend(fallback::ratios());

@@ -45,11 +45,19 @@ enum Wait {
     Spin,
     /// Announce park, look again, block on the wake socket.
     Park,
+    /// Poll this many times, then park (the library's default strategy).
+    SpinThenPark(u32),
 }
 
+/// Polls before parking in [`Wait::SpinThenPark`]: the library's default.
+const SPIN_ITERATIONS: u32 = 20_000;
+
 fn ring_bytes(size: usize) -> u64 {
-    // Room for a few messages of this size; at least 64 KiB.
-    ((size as u64 + 64) * 8).next_power_of_two().max(64 << 10)
+    // The smallest power of two that holds two messages of this size (the ring's limit is half
+    // the ring), at least 64 KiB. A ping-pong has one message in flight; a larger ring only
+    // spreads the records over more memory: at 1 MiB messages a 16 MiB ring measured 2.5x the
+    // raw floor against 1.08x for this 4 MiB one (docs/benchmarks.md, "Ring size").
+    ((size as u64 + 64) * 2).next_power_of_two().max(64 << 10)
 }
 
 fn config(size: usize, publisher_id: u64) -> RingConfig {
@@ -76,13 +84,18 @@ fn send(w: &mut Writer, size: usize, byte: u8) -> Result<()> {
 /// Receives one message: returns (checksum of every byte, publish timestamp).
 #[inline]
 fn recv(r: &mut Reader, wait: Wait, page: &CursorPage, wake: &WakeReceiver) -> Result<(u64, u64)> {
+    let mut polls = 0u32;
     loop {
         if let Some(s) = r.try_recv().map_err(|e| anyhow!("{e}"))? {
             return Ok((sum(&s), s.timestamp_ns()));
         }
         match wait {
             Wait::Spin => std::hint::spin_loop(),
-            Wait::Park => {
+            Wait::SpinThenPark(n) if polls < n => {
+                polls += 1;
+                std::hint::spin_loop();
+            }
+            Wait::Park | Wait::SpinThenPark(_) => {
                 protocol::announce_park(page.park_word());
                 if !r.has_pending() {
                     // No timeout: one blocking recv. The harness watchdog ends a hung run.
@@ -255,6 +268,12 @@ fn spin_run(p: &Params) -> Result<CaseResult> {
 fn spin_peer(ctx: PeerCtx) -> Result<()> {
     peer(ctx, Wait::Spin)
 }
+fn spinpark_run(p: &Params) -> Result<CaseResult> {
+    run(p, Wait::SpinThenPark(SPIN_ITERATIONS))
+}
+fn spinpark_peer(ctx: PeerCtx) -> Result<()> {
+    peer(ctx, Wait::SpinThenPark(SPIN_ITERATIONS))
+}
 fn park_run(p: &Params) -> Result<CaseResult> {
     run(p, Wait::Park)
 }
@@ -314,6 +333,20 @@ pub fn cases() -> Vec<Case> {
             spin_peer,
         ),
         case(
+            "membus-ring-pingpong-1m",
+            1 << 20,
+            "bus-core rings, reliable, busy-poll, 1 MiB each way (a tenth of the samples)",
+            spin_run,
+            spin_peer,
+        ),
+        case(
+            "membus-ring-spinpark-64",
+            64,
+            "bus-core rings, reliable, spin 20,000 polls then park (the default), 64 B each way",
+            spinpark_run,
+            spinpark_peer,
+        ),
+        case(
             "membus-ring-park-64",
             64,
             "bus-core rings, reliable, park on the wake socket, 64 B each way",
@@ -359,6 +392,12 @@ pub fn ratios() -> Vec<Ratio> {
         r(
             "membus-ring-pingpong-64k",
             "shm-pingpong-64k",
+            Metric::P50,
+            "<= 1.2 (stretch 1.05)",
+        ),
+        r(
+            "membus-ring-pingpong-1m",
+            "shm-pingpong-1m",
             Metric::P50,
             "<= 1.2 (stretch 1.05)",
         ),

@@ -65,6 +65,14 @@ pub fn cases() -> Vec<Case> {
             Some(spin_peer),
         ),
         case(
+            "shm-pingpong-1m",
+            1 << 20,
+            Latency,
+            "shm busy-spin, 1 MiB buffer each way + seq word (a tenth of the samples)",
+            spin_run,
+            Some(spin_peer),
+        ),
+        case(
             "futex-pingpong",
             64,
             Latency,
