@@ -7,6 +7,10 @@
 //! - `membus-client-spinpark-64`: the default strategy (spin, then park on the wake socket).
 //! - `membus-client-park-64`: `WaitStrategy::Park`.
 //!
+//! Extras: the product's own one-way figure (publish timestamp in the record -> receive) and
+//! `allocations_per_message`: heap allocations in the parent process (all its threads) during
+//! the recorded round trips, per message published or received (the target is 0).
+//!
 //! These are the figures to hold against iceoryx2, which is also measured through its public
 //! API; the `membus-ring-*` cases measure the data plane alone.
 //!
@@ -22,7 +26,7 @@ use bus_client::{Bus, BusOptions, Publisher, Subscriber, SubscriberOptions};
 use bus_core::wake::WaitStrategy;
 
 use crate::broker::Broker;
-use crate::case::{Case, CaseResult, Group, Kind, Metric, Params, Pinning, Ratio};
+use crate::case::{Case, CaseResult, Figure, Group, Kind, Limit, Metric, Params, Pinning, Ratio};
 use crate::checksum::{pattern_byte, pattern_sum, sum};
 use crate::measure::{check_sum, new_histogram, pingpong};
 use crate::peer::{Peer, PeerCtx};
@@ -120,7 +124,12 @@ fn run(p: &Params) -> Result<CaseResult> {
     let size = p.size;
     let mut own = new_histogram();
     let (mut sent, mut got, mut expected) = (0u64, 0u64, 0u64);
+    let last = p.warmup + p.samples - 1;
+    let (mut allocs_start, mut allocs_end) = (None, None);
     let h = pingpong(p, |i| {
+        if i == p.warmup {
+            allocs_start = crate::alloc_count::allocations();
+        }
         let byte = pattern_byte(i, PING_SALT);
         me.send(size, byte)?;
         sent = sent.wrapping_add(pattern_sum(byte, size));
@@ -132,6 +141,9 @@ fn run(p: &Params) -> Result<CaseResult> {
         );
         got = got.wrapping_add(s);
         expected = expected.wrapping_add(pattern_sum(pattern_byte(i, PONG_SALT), size));
+        if i == last {
+            allocs_end = crate::alloc_count::allocations();
+        }
         Ok(())
     })?;
     let done = peer.finish()?;
@@ -146,6 +158,14 @@ fn run(p: &Params) -> Result<CaseResult> {
     result
         .extra
         .push(("own_one_way_p99_ns", own.value_at_quantile(0.99) as f64));
+    if let (Some(a), Some(b)) = (allocs_start, allocs_end) {
+        // The parent's whole process (its control thread too) over the recorded round trips:
+        // one publish and one receive each.
+        result.extra.push((
+            "allocations_per_message",
+            (b - a) as f64 / (2 * p.samples) as f64,
+        ));
+    }
     Ok(result)
 }
 
@@ -269,4 +289,18 @@ pub fn ratios() -> Vec<Ratio> {
             None,
         ),
     ]
+}
+
+/// The data-path allocation target (PERFORMANCE.md section 3), on the busy and the parking
+/// path.
+pub fn limits() -> Vec<Limit> {
+    ["membus-client-pingpong-64", "membus-client-park-64"]
+        .into_iter()
+        .map(|case| Limit {
+            case,
+            figure: Figure::Extra("allocations_per_message"),
+            what: "heap allocations per message published or received (parent process)",
+            target: "<= 0",
+        })
+        .collect()
 }

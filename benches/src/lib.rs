@@ -14,12 +14,16 @@
 //!   RSS, fds, connection storm, idle CPU); [`broker`] starts the broker and speaks the protocol.
 //! - [`syscalls`]: `benches syscalls`, system calls per message under `strace`.
 //! - [`peer`]: spawning and running the second process.
-//! - [`shm`]: the shared memfd mapping (unsafe is allowed there and in [`peer`] only).
+//! - [`shm`]: the shared memfd mapping. Unsafe code is allowed there, in [`peer`] (adopting
+//!   inherited fds), [`raw::uring`] (io_uring SQEs) and [`alloc_count`] (the counting
+//!   allocator) only.
 //! - [`measure`]: ping-pong into a histogram, spin-waiting, stream results.
 //! - [`harness`]: rounds, pinning, the watchdog. [`report`] and [`plot`]: the output files.
 //! - [`machine`]: CPU model, SMT, kernel, steal time.
+//! - [`alloc_count`]: the counting allocator behind the allocations-per-message figures.
 #![deny(unsafe_code)]
 
+pub mod alloc_count;
 pub mod broker;
 pub mod case;
 pub mod checksum;
@@ -69,7 +73,9 @@ pub fn all_ratios() -> Vec<Ratio> {
 
 /// Every absolute target (a figure of one case against a fixed bound).
 pub fn all_limits() -> Vec<Limit> {
-    scale::limits()
+    let mut v = client::limits();
+    v.extend(scale::limits());
+    v
 }
 
 /// The case called `name`, if any.

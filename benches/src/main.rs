@@ -18,6 +18,10 @@ use anyhow::{Context, Result, bail};
 use benches::case::{Case, Group, Options};
 use benches::{harness, peer, report};
 
+// Counts heap allocations so that cases can report allocations per message.
+#[global_allocator]
+static ALLOC: benches::alloc_count::Counting = benches::alloc_count::Counting;
+
 const USAGE: &str = "usage: benches list
        benches raw    [--quick] [--case NAME]... [--unpinned] [--rounds N] [--out DIR]
        benches report [--quick] [--unpinned] [--rounds N] [--out DIR] [--case NAME]...

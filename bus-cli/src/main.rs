@@ -61,6 +61,10 @@ enum Command {
 /// A hidden sub-command: the processes `bus demo` starts.
 type HiddenCommand = fn(&[String]) -> anyhow::Result<()>;
 
+// Counts heap allocations so that `bus bench` cases can report allocations per message.
+#[global_allocator]
+static ALLOC: benches::alloc_count::Counting = benches::alloc_count::Counting;
+
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
     // Benchmarks re-execute this program as their second process.
