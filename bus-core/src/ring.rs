@@ -551,6 +551,7 @@ impl Writer {
         Ok(w)
     }
 
+    #[inline]
     fn header_u64(&self, off: usize) -> &AtomicU64 {
         // SAFETY: off is one of the 8-aligned header offsets, inside the header page.
         unsafe { atomic_u64(self.map.header_ptr(), off) }
@@ -685,6 +686,7 @@ impl Writer {
     }
 
     /// Loans space for a `len`-byte payload without blocking.
+    #[inline]
     pub fn try_loan(&mut self, len: usize) -> Result<Loan<'_>, LoanError> {
         self.reserve(len)?;
         Ok(Loan { writer: self, len })
@@ -693,6 +695,7 @@ impl Writer {
     /// Loans space, waiting for subscribers to release space (reliable mode) until `timeout`
     /// (`None`: wait forever — the broker evicts a subscriber that stalls past its limit, so
     /// this does not block forever on a dead peer).
+    #[inline]
     pub fn loan(&mut self, len: usize, timeout: Option<Duration>) -> Result<Loan<'_>, LoanError> {
         match self.reserve(len) {
             Ok(()) => {}
@@ -702,7 +705,21 @@ impl Writer {
         Ok(Loan { writer: self, len })
     }
 
+    #[cold]
+    #[inline(never)]
     fn wait_for_space(&mut self, len: usize, timeout: Option<Duration>) -> Result<(), LoanError> {
+        // Readers do not signal writers. A reader that is merely slower, or was preempted for
+        // a moment, frees space within microseconds: spin that long (looking at the clock only
+        // every SPIN_CHECK rounds). A reader that stays stuck gets naps that grow with the
+        // time already waited (1/16 of it, within NAP_MIN..=NAP_MAX): once it moves again the
+        // writer resumes at most about 6% of the stall late (a fixed ladder of naps up to 1 ms
+        // left the writer asleep long after a 1-ms preemption of its reader had ended, and
+        // the reader then idled), and a long stall still costs at most 1,000 wakeups a second.
+        const SPIN_CHECK: u32 = 64;
+        const SPIN: Duration = Duration::from_micros(50);
+        const YIELD: Duration = Duration::from_micros(100);
+        const NAP_MIN: Duration = Duration::from_micros(20);
+        const NAP_MAX: Duration = Duration::from_millis(1);
         let start = Instant::now();
         let mut round: u32 = 0;
         loop {
@@ -710,21 +727,25 @@ impl Writer {
                 Err(LoanError::WouldBlock) => {}
                 other => return other,
             }
+            round = round.wrapping_add(1);
+            if !round.is_multiple_of(SPIN_CHECK) {
+                core::hint::spin_loop();
+                continue;
+            }
+            let waited = start.elapsed();
             if let Some(t) = timeout
-                && start.elapsed() >= t
+                && waited >= t
             {
                 return Err(LoanError::TimedOut(t));
             }
-            // Readers do not signal writers; back off from spinning to short sleeps.
-            round = round.saturating_add(1);
-            if round < 1_000 {
+            if waited < SPIN {
                 core::hint::spin_loop();
-            } else if round < 1_100 {
+            } else if waited < YIELD {
                 std::thread::yield_now();
             } else {
-                let nap = Duration::from_micros(50 * u64::from((round - 1_100).min(20) + 1));
+                let nap = (waited / 16).clamp(NAP_MIN, NAP_MAX);
                 std::thread::sleep(match timeout {
-                    Some(t) => nap.min(t.saturating_sub(start.elapsed())),
+                    Some(t) => nap.min(t.saturating_sub(waited)),
                     None => nap,
                 });
             }
@@ -775,6 +796,7 @@ impl Writer {
         Ok(loan.commit())
     }
 
+    #[inline]
     fn payload_ptr(&self, len: usize) -> *mut u8 {
         let off = (self.next_pos & self.mask) as usize + RECORD_HEADER_BYTES;
         debug_assert!(off + len <= 2 * self.cfg.data_bytes as usize);
@@ -783,6 +805,7 @@ impl Writer {
         unsafe { self.map.data_mut_ptr().add(off) }
     }
 
+    #[inline]
     fn commit(&mut self, len: usize) -> u64 {
         let pos = self.next_pos;
         let seq = self.next_seq;
@@ -868,6 +891,7 @@ pub struct Loan<'w> {
 
 impl Loan<'_> {
     /// Publishes the record; returns its sequence number.
+    #[inline]
     pub fn commit(self) -> u64 {
         self.writer.commit(self.len)
     }
@@ -875,6 +899,7 @@ impl Loan<'_> {
 
 impl core::ops::Deref for Loan<'_> {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
         // SAFETY: reserve() checked len against the geometry, so the payload range is inside
         // the mapping; the loan borrows the writer mutably, so no other loan aliases it; readers
@@ -884,6 +909,7 @@ impl core::ops::Deref for Loan<'_> {
 }
 
 impl core::ops::DerefMut for Loan<'_> {
+    #[inline]
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in deref; the mapping is read-write (checked in Writer::create).
         unsafe { core::slice::from_raw_parts_mut(self.writer.payload_ptr(self.len), self.len) }
@@ -992,6 +1018,7 @@ impl core::fmt::Debug for Sample<'_> {
 
 impl core::ops::Deref for Sample<'_> {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
         // SAFETY: payload/len were bounds-checked against the reader's own geometry (len <=
         // max_message_bytes <= data_bytes/2 - 32) so the range is inside the double mapping,
@@ -1003,6 +1030,7 @@ impl core::ops::Deref for Sample<'_> {
 }
 
 impl Drop for Sample<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.reader
             .advance(self.next_pos, self.seq.saturating_add(1));
@@ -1097,11 +1125,13 @@ impl Reader {
         Ok(r)
     }
 
+    #[inline]
     fn header_u64(&self, off: usize) -> &AtomicU64 {
         // SAFETY: off is an 8-aligned offset inside the header page.
         unsafe { atomic_u64(self.map.header_ptr(), off) }
     }
 
+    #[inline]
     fn publish_cursor(&self) {
         if let Some((page, slot)) = &self.cursor {
             protocol::release_cursor(page.slot(*slot), self.pos);
@@ -1126,6 +1156,7 @@ impl Reader {
         (pos, seq)
     }
 
+    #[inline]
     fn advance(&mut self, next_pos: u64, next_seq: u64) {
         self.pos = next_pos;
         self.expected_seq = Some(next_seq);
