@@ -51,7 +51,7 @@ use crate::layout::{
     max_message_bytes_for, record_bytes,
 };
 use crate::segment::{Access, Mapping, RingMapping};
-use crate::sys::clock::monotonic_ns;
+use crate::sys::clock::StampClock;
 use crate::wake::{WakeOutcome, WakeSender, protocol};
 
 /// Geometry and mode of a ring, as the broker decided it.
@@ -483,6 +483,8 @@ pub struct Writer {
     readers: Vec<ReaderLink>,
     /// Readers that may park (the park check runs only if this is non-zero).
     parking_readers: usize,
+    /// Record timestamps (CLOCK_MONOTONIC, extrapolated with the TSC between exact reads).
+    clock: StampClock,
     stats: WriterStats,
 }
 
@@ -539,6 +541,7 @@ impl Writer {
             cached_min: 0,
             readers: Vec::new(),
             parking_readers: 0,
+            clock: StampClock::new(),
             stats: WriterStats::default(),
             map,
             cfg,
@@ -822,7 +825,7 @@ impl Writer {
             )
         };
         seq_w.store(seq, Ordering::Relaxed);
-        ts_w.store(monotonic_ns(), Ordering::Relaxed);
+        ts_w.store(self.clock.now_ns(), Ordering::Relaxed);
         meta_w.store(
             RecordHeader::pack_meta(len as u32, RECORD_KIND_MESSAGE, 0),
             Ordering::Relaxed,
