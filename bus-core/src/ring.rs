@@ -713,14 +713,17 @@ impl Writer {
     fn wait_for_space(&mut self, len: usize, timeout: Option<Duration>) -> Result<(), LoanError> {
         // Readers do not signal writers. A reader that is merely slower, or was preempted for
         // a moment, frees space within microseconds: spin that long (looking at the clock only
-        // every SPIN_CHECK rounds). A reader that stays stuck gets naps that grow with the
-        // time already waited (1/16 of it, within NAP_MIN..=NAP_MAX): once it moves again the
-        // writer resumes at most about 6% of the stall late (a fixed ladder of naps up to 1 ms
-        // left the writer asleep long after a 1-ms preemption of its reader had ended, and
-        // the reader then idled), and a long stall still costs at most 1,000 wakeups a second.
+        // every SPIN_CHECK rounds). Up to YIELD, offer the CPU with sched_yield on every check
+        // (it returns at once when nothing else wants this CPU): a reader preempted by another
+        // process for a scheduler slice (~1-3 ms) is back before that, and the writer notices
+        // at once. A reader that stays stuck gets naps that grow with the time already waited
+        // (1/32 of it, within NAP_MIN..=NAP_MAX): once it moves again the writer resumes at
+        // most about 3% of the stall late (a fixed ladder of naps up to 1 ms left the writer
+        // asleep long after a short preemption of its reader had ended, and the reader then
+        // idled), and a long stall still costs at most 1,000 wakeups a second.
         const SPIN_CHECK: u32 = 64;
         const SPIN: Duration = Duration::from_micros(50);
-        const YIELD: Duration = Duration::from_micros(100);
+        const YIELD: Duration = Duration::from_millis(2);
         const NAP_MIN: Duration = Duration::from_micros(20);
         const NAP_MAX: Duration = Duration::from_millis(1);
         let start = Instant::now();
@@ -745,8 +748,10 @@ impl Writer {
                 core::hint::spin_loop();
             } else if waited < YIELD {
                 std::thread::yield_now();
+                // The next round is a check again: yield on every round in this phase.
+                round = round.wrapping_add(SPIN_CHECK - 1);
             } else {
-                let nap = (waited / 16).clamp(NAP_MIN, NAP_MAX);
+                let nap = (waited / 32).clamp(NAP_MIN, NAP_MAX);
                 std::thread::sleep(match timeout {
                     Some(t) => nap.min(t.saturating_sub(waited)),
                     None => nap,
