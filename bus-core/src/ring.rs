@@ -1193,6 +1193,21 @@ impl Reader {
             || !protocol::still_intact(self.header_u64(CLAIM_OFF), self.pos, self.data_bytes)
     }
 
+    /// Is the record at the reader's position committed? One load of its commit word (no claim
+    /// check): [`Reader::try_recv`] can then still find the reader lapped (lossy) or the record
+    /// corrupt, but it will not find the ring empty. Lets a caller that polls pick a ring
+    /// without taking a record twice.
+    #[inline]
+    pub fn has_record(&self) -> bool {
+        if self.corrupt {
+            return false;
+        }
+        let off = (self.pos & self.mask) as usize;
+        // SAFETY: off < data_bytes and 8-aligned (R2); inside the mapping.
+        let commit_word = unsafe { atomic_u64(self.map.data_ptr(), off) };
+        protocol::is_committed(commit_word, self.pos.wrapping_add(1))
+    }
+
     /// True once the writer has closed the ring and everything in it has been read.
     pub fn is_finished(&self) -> bool {
         // SAFETY: CLOSED_OFF is 4-aligned inside the header page.
