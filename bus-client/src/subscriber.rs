@@ -431,8 +431,9 @@ impl Subscriber {
         }
     }
 
-    /// Like `next_candidate`, but returns only a ring whose next record is certainly there
-    /// (it is probed: a resynchronisation a lapped lossy reader needs happens here).
+    /// Like `next_candidate`, but returns only a ring whose next record is certainly there:
+    /// committed, or, when a lapped lossy reader must resynchronise, probed (the resync
+    /// happens here).
     fn next_ready(&mut self) -> Result<Option<usize>, RecvError> {
         let SubKind::Shm(s) = &mut self.kind else {
             return Ok(self.next_candidate());
@@ -441,9 +442,16 @@ impl Subscriber {
         for k in 0..n {
             let i = (s.next + k) % n;
             let r = &mut s.readers[i];
+            // The common case: a committed record. `take` validates it (once); probing it here
+            // with try_recv as well read and checked every record twice.
+            if r.has_record() {
+                return Ok(Some(i));
+            }
             if !r.has_pending() {
                 continue;
             }
+            // A resynchronisation is pending (a lapped lossy reader): probe, since after it
+            // there may be nothing to take.
             let publisher_id = r.publisher_id();
             match r.try_recv() {
                 // Not dropping the probe sample keeps it unread (drop is what advances the

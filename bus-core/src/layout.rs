@@ -38,7 +38,7 @@
 //!
 //!  +0   8  commit    = pos + 1 (atomic; stored last, with Release: it publishes the record)
 //!  +8   8  seq       record sequence number within this ring, from 0, no gaps
-//!  +16  8  timestamp CLOCK_MONOTONIC ns at commit
+//!  +16  8  timestamp CLOCK_MONOTONIC ns at commit (sys::clock::StampClock; ADR 0002)
 //!  +24  4  len       payload length in bytes
 //!  +28  2  kind      RECORD_KIND_MESSAGE
 //!  +30  2  flags     0

@@ -51,7 +51,7 @@ use crate::layout::{
     max_message_bytes_for, record_bytes,
 };
 use crate::segment::{Access, Mapping, RingMapping};
-use crate::sys::clock::monotonic_ns;
+use crate::sys::clock::StampClock;
 use crate::wake::{WakeOutcome, WakeSender, protocol};
 
 /// Geometry and mode of a ring, as the broker decided it.
@@ -483,6 +483,8 @@ pub struct Writer {
     readers: Vec<ReaderLink>,
     /// Readers that may park (the park check runs only if this is non-zero).
     parking_readers: usize,
+    /// Record timestamps (CLOCK_MONOTONIC, extrapolated with the TSC between exact reads).
+    clock: StampClock,
     stats: WriterStats,
 }
 
@@ -539,6 +541,7 @@ impl Writer {
             cached_min: 0,
             readers: Vec::new(),
             parking_readers: 0,
+            clock: StampClock::new(),
             stats: WriterStats::default(),
             map,
             cfg,
@@ -551,6 +554,7 @@ impl Writer {
         Ok(w)
     }
 
+    #[inline]
     fn header_u64(&self, off: usize) -> &AtomicU64 {
         // SAFETY: off is one of the 8-aligned header offsets, inside the header page.
         unsafe { atomic_u64(self.map.header_ptr(), off) }
@@ -685,6 +689,7 @@ impl Writer {
     }
 
     /// Loans space for a `len`-byte payload without blocking.
+    #[inline]
     pub fn try_loan(&mut self, len: usize) -> Result<Loan<'_>, LoanError> {
         self.reserve(len)?;
         Ok(Loan { writer: self, len })
@@ -693,6 +698,7 @@ impl Writer {
     /// Loans space, waiting for subscribers to release space (reliable mode) until `timeout`
     /// (`None`: wait forever — the broker evicts a subscriber that stalls past its limit, so
     /// this does not block forever on a dead peer).
+    #[inline]
     pub fn loan(&mut self, len: usize, timeout: Option<Duration>) -> Result<Loan<'_>, LoanError> {
         match self.reserve(len) {
             Ok(()) => {}
@@ -702,7 +708,24 @@ impl Writer {
         Ok(Loan { writer: self, len })
     }
 
+    #[cold]
+    #[inline(never)]
     fn wait_for_space(&mut self, len: usize, timeout: Option<Duration>) -> Result<(), LoanError> {
+        // Readers do not signal writers. A reader that is merely slower, or was preempted for
+        // a moment, frees space within microseconds: spin that long (looking at the clock only
+        // every SPIN_CHECK rounds). Up to YIELD, offer the CPU with sched_yield on every check
+        // (it returns at once when nothing else wants this CPU): a reader preempted by another
+        // process for a scheduler slice (~1-3 ms) is back before that, and the writer notices
+        // at once. A reader that stays stuck gets naps that grow with the time already waited
+        // (1/32 of it, within NAP_MIN..=NAP_MAX): once it moves again the writer resumes at
+        // most about 3% of the stall late (a fixed ladder of naps up to 1 ms left the writer
+        // asleep long after a short preemption of its reader had ended, and the reader then
+        // idled), and a long stall still costs at most 1,000 wakeups a second.
+        const SPIN_CHECK: u32 = 64;
+        const SPIN: Duration = Duration::from_micros(50);
+        const YIELD: Duration = Duration::from_millis(2);
+        const NAP_MIN: Duration = Duration::from_micros(20);
+        const NAP_MAX: Duration = Duration::from_millis(1);
         let start = Instant::now();
         let mut round: u32 = 0;
         loop {
@@ -710,21 +733,27 @@ impl Writer {
                 Err(LoanError::WouldBlock) => {}
                 other => return other,
             }
+            round = round.wrapping_add(1);
+            if !round.is_multiple_of(SPIN_CHECK) {
+                core::hint::spin_loop();
+                continue;
+            }
+            let waited = start.elapsed();
             if let Some(t) = timeout
-                && start.elapsed() >= t
+                && waited >= t
             {
                 return Err(LoanError::TimedOut(t));
             }
-            // Readers do not signal writers; back off from spinning to short sleeps.
-            round = round.saturating_add(1);
-            if round < 1_000 {
+            if waited < SPIN {
                 core::hint::spin_loop();
-            } else if round < 1_100 {
+            } else if waited < YIELD {
                 std::thread::yield_now();
+                // The next round is a check again: yield on every round in this phase.
+                round = round.wrapping_add(SPIN_CHECK - 1);
             } else {
-                let nap = Duration::from_micros(50 * u64::from((round - 1_100).min(20) + 1));
+                let nap = (waited / 32).clamp(NAP_MIN, NAP_MAX);
                 std::thread::sleep(match timeout {
-                    Some(t) => nap.min(t.saturating_sub(start.elapsed())),
+                    Some(t) => nap.min(t.saturating_sub(waited)),
                     None => nap,
                 });
             }
@@ -775,6 +804,7 @@ impl Writer {
         Ok(loan.commit())
     }
 
+    #[inline]
     fn payload_ptr(&self, len: usize) -> *mut u8 {
         let off = (self.next_pos & self.mask) as usize + RECORD_HEADER_BYTES;
         debug_assert!(off + len <= 2 * self.cfg.data_bytes as usize);
@@ -783,6 +813,7 @@ impl Writer {
         unsafe { self.map.data_mut_ptr().add(off) }
     }
 
+    #[inline]
     fn commit(&mut self, len: usize) -> u64 {
         let pos = self.next_pos;
         let seq = self.next_seq;
@@ -799,7 +830,7 @@ impl Writer {
             )
         };
         seq_w.store(seq, Ordering::Relaxed);
-        ts_w.store(monotonic_ns(), Ordering::Relaxed);
+        ts_w.store(self.clock.now_ns(), Ordering::Relaxed);
         meta_w.store(
             RecordHeader::pack_meta(len as u32, RECORD_KIND_MESSAGE, 0),
             Ordering::Relaxed,
@@ -868,6 +899,7 @@ pub struct Loan<'w> {
 
 impl Loan<'_> {
     /// Publishes the record; returns its sequence number.
+    #[inline]
     pub fn commit(self) -> u64 {
         self.writer.commit(self.len)
     }
@@ -875,6 +907,7 @@ impl Loan<'_> {
 
 impl core::ops::Deref for Loan<'_> {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
         // SAFETY: reserve() checked len against the geometry, so the payload range is inside
         // the mapping; the loan borrows the writer mutably, so no other loan aliases it; readers
@@ -884,6 +917,7 @@ impl core::ops::Deref for Loan<'_> {
 }
 
 impl core::ops::DerefMut for Loan<'_> {
+    #[inline]
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in deref; the mapping is read-write (checked in Writer::create).
         unsafe { core::slice::from_raw_parts_mut(self.writer.payload_ptr(self.len), self.len) }
@@ -992,6 +1026,7 @@ impl core::fmt::Debug for Sample<'_> {
 
 impl core::ops::Deref for Sample<'_> {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
         // SAFETY: payload/len were bounds-checked against the reader's own geometry (len <=
         // max_message_bytes <= data_bytes/2 - 32) so the range is inside the double mapping,
@@ -1003,6 +1038,7 @@ impl core::ops::Deref for Sample<'_> {
 }
 
 impl Drop for Sample<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.reader
             .advance(self.next_pos, self.seq.saturating_add(1));
@@ -1097,11 +1133,13 @@ impl Reader {
         Ok(r)
     }
 
+    #[inline]
     fn header_u64(&self, off: usize) -> &AtomicU64 {
         // SAFETY: off is an 8-aligned offset inside the header page.
         unsafe { atomic_u64(self.map.header_ptr(), off) }
     }
 
+    #[inline]
     fn publish_cursor(&self) {
         if let Some((page, slot)) = &self.cursor {
             protocol::release_cursor(page.slot(*slot), self.pos);
@@ -1126,6 +1164,7 @@ impl Reader {
         (pos, seq)
     }
 
+    #[inline]
     fn advance(&mut self, next_pos: u64, next_seq: u64) {
         self.pos = next_pos;
         self.expected_seq = Some(next_seq);
@@ -1152,6 +1191,21 @@ impl Reader {
         let commit_word = unsafe { atomic_u64(self.map.data_ptr(), off) };
         protocol::is_committed(commit_word, self.pos.wrapping_add(1))
             || !protocol::still_intact(self.header_u64(CLAIM_OFF), self.pos, self.data_bytes)
+    }
+
+    /// Is the record at the reader's position committed? One load of its commit word (no claim
+    /// check): [`Reader::try_recv`] can then still find the reader lapped (lossy) or the record
+    /// corrupt, but it will not find the ring empty. Lets a caller that polls pick a ring
+    /// without taking a record twice.
+    #[inline]
+    pub fn has_record(&self) -> bool {
+        if self.corrupt {
+            return false;
+        }
+        let off = (self.pos & self.mask) as usize;
+        // SAFETY: off < data_bytes and 8-aligned (R2); inside the mapping.
+        let commit_word = unsafe { atomic_u64(self.map.data_ptr(), off) };
+        protocol::is_committed(commit_word, self.pos.wrapping_add(1))
     }
 
     /// True once the writer has closed the ring and everything in it has been read.

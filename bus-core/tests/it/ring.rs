@@ -215,6 +215,31 @@ fn lossy_writer_never_waits_and_lapped_reader_counts_exact_loss() {
 }
 
 #[test]
+fn has_record_sees_committed_records_only_and_never_a_lapped_one_as_empty() {
+    let mut f = fixture(Mode::Lossy, 4096, true);
+    assert!(!f.reader.has_record(), "empty ring");
+    assert!(!f.reader.has_pending());
+    let _ = f.writer.try_loan(8).unwrap();
+    assert!(!f.reader.has_record(), "a dropped loan publishes nothing");
+    publish(&mut f.writer, 8).unwrap();
+    assert!(f.reader.has_record());
+    drop(f.reader.try_recv().unwrap().expect("the record"));
+    assert!(!f.reader.has_record(), "taken");
+    // Lap the reader: its position now holds a newer record, which is not "its" record;
+    // has_pending still says there is something to do (a resync).
+    for _ in 0..200 {
+        publish(&mut f.writer, 100).unwrap();
+    }
+    assert!(
+        !f.reader.has_record(),
+        "a lapped position is not a committed record"
+    );
+    assert!(f.reader.has_pending());
+    let s = f.reader.try_recv().unwrap().expect("resynchronised");
+    assert!(s.lost_before() > 0);
+}
+
+#[test]
 fn lossy_sample_reports_overwrite_while_held() {
     let mut f = fixture(Mode::Lossy, 4096, false);
     publish(&mut f.writer, 100).unwrap();
