@@ -22,7 +22,14 @@
 //! process's iceoryx2 node removes its resources when it drops, and the parent removes stale
 //! ones of dead nodes it finds (iceoryx2's own cleanup) when it creates its node.
 //!
-//! Without the `peers` feature [`cases`] is empty and the peer ratios show as not run.
+//! ZeroMQ (the `zmq` crate over the system's libzmq, `apt-get install -y libzmq3-dev`), the
+//! second peer, over `ipc://` with a `PAIR` socket per side:
+//!
+//! - `zmq-ipc-pingpong-64`: blocking `recv`; the sender fills a `zmq::Message` of 64 B in place
+//!   and sends it, the receiver receives into a reused `Message` and sums it.
+//! - `zmq-ipc-spin-64`: the same, the receiver polling `recv` with `DONTWAIT`.
+//!
+//! Without the `peers` feature [`cases`] is empty and the peer ratios show as not built.
 
 use crate::case::{Case, Metric, Ratio};
 
@@ -30,7 +37,9 @@ use crate::case::{Case, Metric, Ratio};
 pub fn cases() -> Vec<Case> {
     #[cfg(feature = "peers")]
     {
-        iceoryx2_cases::cases()
+        let mut v = iceoryx2_cases::cases();
+        v.extend(zmq_cases::cases());
+        v
     }
     #[cfg(not(feature = "peers"))]
     {
@@ -51,6 +60,8 @@ pub fn cases_named() -> &'static [&'static str] {
         "iceoryx2-pingpong-1m",
         "iceoryx2-event-64",
         "iceoryx2-pingpong-64-idle16",
+        "zmq-ipc-pingpong-64",
+        "zmq-ipc-spin-64",
     ]
 }
 
@@ -124,6 +135,18 @@ pub fn ratios() -> Vec<Ratio> {
         r(
             "iceoryx2-pingpong-64-idle16",
             "iceoryx2-pingpong-64",
+            Metric::P50,
+            None,
+        ),
+        r(
+            "membus-client-park-64",
+            "zmq-ipc-pingpong-64",
+            Metric::P50,
+            None,
+        ),
+        r(
+            "membus-client-pingpong-64",
+            "zmq-ipc-spin-64",
             Metric::P50,
             None,
         ),
@@ -470,6 +493,138 @@ mod iceoryx2_cases {
                 64,
                 "iceoryx2-pingpong-64 with 16 extra subscribers of ping that never read \
                  (in a third process)",
+            ),
+        ]
+    }
+}
+
+#[cfg(feature = "peers")]
+mod zmq_cases {
+    use anyhow::{Context, Result, anyhow};
+
+    use crate::case::{Case, CaseResult, Group, Kind, Params, Pinning};
+    use crate::checksum::{pattern_byte, pattern_sum, sum};
+    use crate::measure::{check_sum, pingpong};
+    use crate::peer::{Peer, PeerCtx};
+
+    const PING_SALT: u8 = 0x3c;
+    const PONG_SALT: u8 = 0xc3;
+
+    /// The `ipc://` endpoint of a case run by the process `parent_pid`.
+    fn endpoint(parent_pid: u32, case: &str) -> String {
+        let path = std::env::temp_dir().join(format!("membus-bench-zmq-{parent_pid}-{case}"));
+        format!("ipc://{}", path.display())
+    }
+
+    fn z<T>(r: zmq::Result<T>, what: &str) -> Result<T> {
+        r.map_err(|e| anyhow!("zmq: {what}: {e}"))
+    }
+
+    struct End {
+        // Drop order: the socket before its context.
+        socket: zmq::Socket,
+        _ctx: zmq::Context,
+        inbox: zmq::Message,
+        spin: bool,
+    }
+
+    impl End {
+        fn new(spin: bool) -> Result<End> {
+            let ctx = zmq::Context::new();
+            let socket = z(ctx.socket(zmq::PAIR), "PAIR socket")?;
+            z(socket.set_linger(0), "ZMQ_LINGER")?;
+            Ok(End {
+                socket,
+                _ctx: ctx,
+                inbox: zmq::Message::new(),
+                spin,
+            })
+        }
+
+        #[inline]
+        fn send(&self, size: usize, byte: u8) -> Result<()> {
+            let mut msg = zmq::Message::with_size(size);
+            msg.fill(byte);
+            z(self.socket.send(msg, 0), "send")
+        }
+
+        #[inline]
+        fn recv(&mut self) -> Result<u64> {
+            if self.spin {
+                loop {
+                    match self.socket.recv(&mut self.inbox, zmq::DONTWAIT) {
+                        Ok(()) => break,
+                        Err(zmq::Error::EAGAIN) => std::hint::spin_loop(),
+                        Err(e) => return Err(anyhow!("zmq: recv: {e}")),
+                    }
+                }
+            } else {
+                z(self.socket.recv(&mut self.inbox, 0), "recv")?;
+            }
+            Ok(sum(&self.inbox))
+        }
+    }
+
+    fn run(p: &Params) -> Result<CaseResult> {
+        let spin = p.case.contains("-spin-");
+        let mut me = End::new(spin)?;
+        let ep = endpoint(std::process::id(), &p.case);
+        z(me.socket.bind(&ep), "bind")?;
+        let mut peer = Peer::spawn(p, &[])?;
+        peer.wait_ready()?;
+        let size = p.size;
+        let (mut sent, mut got, mut expected) = (0u64, 0u64, 0u64);
+        let h = pingpong(p, |i| {
+            let byte = pattern_byte(i, PING_SALT);
+            me.send(size, byte)?;
+            sent = sent.wrapping_add(pattern_sum(byte, size));
+            got = got.wrapping_add(me.recv()?);
+            expected = expected.wrapping_add(pattern_sum(pattern_byte(i, PONG_SALT), size));
+            Ok(())
+        });
+        let _ = std::fs::remove_file(ep.trim_start_matches("ipc://"));
+        let h = h?;
+        let done = peer.finish()?;
+        check_sum(p, "pong", got, expected)?;
+        check_sum(p, "ping (read by peer)", done.checksum, sent)?;
+        Ok(CaseResult::latency(h))
+    }
+
+    fn peer(ctx: PeerCtx) -> Result<()> {
+        let ppid = rustix::process::getppid().context("the peer has no parent")?;
+        let ep = endpoint(ppid.as_raw_nonzero().get().unsigned_abs(), &ctx.params.case);
+        let mut me = End::new(ctx.params.case.contains("-spin-"))?;
+        z(me.socket.connect(&ep), "connect")?;
+        ctx.ready()?;
+        let size = ctx.params.size;
+        let mut got = 0u64;
+        for i in 0..ctx.params.round_trips() {
+            got = got.wrapping_add(me.recv().context("ping")?);
+            me.send(size, pattern_byte(i, PONG_SALT))?;
+        }
+        ctx.done(got)
+    }
+
+    /// The ZeroMQ cases.
+    pub(super) fn cases() -> Vec<Case> {
+        let case = |name, about| Case {
+            name,
+            group: Group::Peer,
+            size: 64,
+            kind: Kind::Latency,
+            pinning: Pinning::Split,
+            about,
+            run: run as fn(&Params) -> Result<CaseResult>,
+            peer: Some(peer as fn(PeerCtx) -> Result<()>),
+        };
+        vec![
+            case(
+                "zmq-ipc-pingpong-64",
+                "ZeroMQ PAIR over ipc://, blocking recv, 64 B each way",
+            ),
+            case(
+                "zmq-ipc-spin-64",
+                "ZeroMQ PAIR over ipc://, recv polled with DONTWAIT, 64 B each way",
             ),
         ]
     }

@@ -158,7 +158,7 @@ fn quick_report_is_complete_and_well_formed() {
             assert!(
                 r["denominator"]
                     .as_str()
-                    .is_some_and(|d| d.starts_with("iceoryx2")),
+                    .is_some_and(|d| d.starts_with("iceoryx2") || d.starts_with("zmq")),
                 "{r}"
             );
             assert_eq!(r["per_round"].as_array().map(Vec::len), Some(0), "{r}");
