@@ -118,8 +118,10 @@ fn only_the_broker_uses_io_uring() {
     for member in &g.members {
         let uses = g.closure(member).contains("io-uring");
         let embeds_broker = member == "bus-broker" || g.closure(member).contains("bus-broker");
+        // The benchmark harness measures an io_uring wait itself, as a raw floor.
+        let measures_it = member == "benches";
         assert!(
-            !uses || embeds_broker,
+            !uses || embeds_broker || measures_it,
             "{member} pulls in io-uring without going through bus-broker"
         );
     }
