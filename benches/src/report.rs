@@ -631,7 +631,193 @@ pub fn svg(run: &Run, case: usize) -> String {
     crate::plot::percentile_svg(&title, &series)
 }
 
-/// Writes the whole report into `dir` (created if missing) and returns the files written.
+/// A plot of latency cases compared with each other: written as `<file>.svg`, one percentile
+/// curve per case (all its rounds merged), in this order.
+#[derive(Clone, Copy, Debug)]
+pub struct ComparePlot {
+    /// File stem.
+    pub file: &'static str,
+    /// Plot title.
+    pub title: &'static str,
+    /// The cases; those not in the run (the peer cases without `--features peers`, or left out
+    /// by `--case`) are skipped, and so is the plot with fewer than two left.
+    pub cases: &'static [&'static str],
+}
+
+/// Every comparison plot.
+pub const COMPARE_PLOTS: &[ComparePlot] = &[
+    ComparePlot {
+        file: "compare-busy-8",
+        title: "busy-wait ping-pong, 8 B",
+        cases: &[
+            "cacheline-pingpong",
+            "membus-ring-pingpong-8",
+            "membus-client-pingpong-8",
+            "iceoryx2-pingpong-8",
+        ],
+    },
+    ComparePlot {
+        file: "compare-busy-64",
+        title: "busy-wait ping-pong, 64 B",
+        cases: &[
+            "cacheline-pingpong",
+            "membus-ring-pingpong-64",
+            "membus-client-pingpong-64",
+            "iceoryx2-pingpong-64",
+        ],
+    },
+    ComparePlot {
+        file: "compare-busy-4k",
+        title: "busy-wait ping-pong, 4 KiB",
+        cases: &[
+            "shm-pingpong-4k",
+            "membus-ring-pingpong-4k",
+            "membus-client-pingpong-4k",
+            "iceoryx2-pingpong-4k",
+        ],
+    },
+    ComparePlot {
+        file: "compare-busy-64k",
+        title: "busy-wait ping-pong, 64 KiB",
+        cases: &[
+            "shm-pingpong-64k",
+            "membus-ring-pingpong-64k",
+            "membus-client-pingpong-64k",
+            "iceoryx2-pingpong-64k",
+        ],
+    },
+    ComparePlot {
+        file: "compare-busy-1m",
+        title: "busy-wait ping-pong, 1 MiB",
+        cases: &[
+            "shm-pingpong-1m",
+            "membus-ring-pingpong-1m",
+            "iceoryx2-pingpong-1m",
+        ],
+    },
+    ComparePlot {
+        file: "compare-blocking-64",
+        title: "blocking ping-pong (waiting in the kernel), 64 B",
+        cases: &[
+            "eventfd-pingpong",
+            "futex-pingpong",
+            "seqpacket-pingpong-64",
+            "membus-ring-park-64",
+            "membus-client-park-64",
+            "iceoryx2-event-64",
+            "zmq-ipc-pingpong-64",
+            "fallback-pingpong-64",
+        ],
+    },
+];
+
+/// Throughput families for `throughput.svg`: case-name prefix and legend label. A family's cases
+/// are the throughput cases named prefix + size (`ring-headtail-4k`, not
+/// `ring-headtail-batch16-64`).
+pub const THROUGHPUT_FAMILIES: &[(&str, &str)] = &[
+    ("ring-slots-", "raw ring, per-slot seq (ring-slots-*)"),
+    ("ring-headtail-", "raw ring, head/tail (ring-headtail-*)"),
+    ("seqpacket-stream-", "SEQPACKET stream (seqpacket-stream-*)"),
+    ("membus-stream-", "membus stream (membus-stream-*)"),
+    ("fallback-stream-", "datagram fallback (fallback-stream-*)"),
+];
+
+/// Whether `name` is `prefix` followed by a size alone ("64", "4k", "1m").
+fn in_family(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// The comparison plot `p` over `run`: every round of each case merged into one histogram.
+/// `None` when fewer than two of its cases have latency results in the run.
+pub fn compare_svg(run: &Run, p: &ComparePlot) -> Result<Option<String>> {
+    let mut present: Vec<(usize, Histogram<u64>)> = Vec::new();
+    for name in p.cases {
+        let Some(case) = run.cases.iter().position(|c| c.name == *name) else {
+            continue;
+        };
+        let mut merged: Option<Histogram<u64>> = None;
+        for (_, _, _, h) in latency_rounds(run, case) {
+            match &mut merged {
+                None => merged = Some(h.clone()),
+                Some(m) => m
+                    .add(h)
+                    .map_err(|e| anyhow::anyhow!("{name}: merge rounds: {e:?}"))?,
+            }
+        }
+        if let Some(m) = merged {
+            present.push((case, m));
+        }
+    }
+    if present.len() < 2 {
+        return Ok(None);
+    }
+    // Sizes in the legend only where they differ from the plot's (cacheline-pingpong's 64 B
+    // line in the 8 B plot).
+    let sizes: Vec<usize> = present.iter().map(|(c, _)| run.cases[*c].size).collect();
+    let common = *sizes
+        .iter()
+        .max_by_key(|s| sizes.iter().filter(|x| x == s).count())
+        .expect("two or more cases");
+    let series: Vec<(String, &Histogram<u64>)> = present
+        .iter()
+        .map(|(c, h)| {
+            let case = &run.cases[*c];
+            let label = if case.size == common {
+                case.name.to_owned()
+            } else {
+                format!("{} ({})", case.name, size_label(case.size))
+            };
+            (label, h)
+        })
+        .collect();
+    let rounds = match run.rounds.len() {
+        1 => "1 round".to_owned(),
+        n => format!("{n} rounds merged"),
+    };
+    let title = format!("{}, one-way latency ({rounds})", p.title);
+    Ok(Some(crate::plot::percentile_svg(&title, &series)))
+}
+
+/// `throughput.svg`: GB/s (median across rounds) by message size, one line per
+/// [`THROUGHPUT_FAMILIES`] family with at least one case in the run. `None` when there is none.
+pub fn throughput_svg(run: &Run) -> Option<String> {
+    let series: Vec<(String, Vec<(usize, f64)>)> = THROUGHPUT_FAMILIES
+        .iter()
+        .filter_map(|&(prefix, label)| {
+            let mut points: Vec<(usize, f64)> = run
+                .cases
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.kind == Kind::Throughput && in_family(c.name, prefix))
+                .filter_map(|(i, c)| {
+                    let v: Vec<f64> = run
+                        .rounds
+                        .iter()
+                        .flat_map(|r| r.runs.iter().filter(|x| x.case == i))
+                        .filter_map(|x| figures(&x.result)[6])
+                        .collect();
+                    Some((c.size, median(&v)?))
+                })
+                .collect();
+            points.sort_by_key(|p| p.0);
+            (!points.is_empty()).then(|| (label.to_owned(), points))
+        })
+        .collect();
+    if series.is_empty() {
+        return None;
+    }
+    let title = format!(
+        "one-way stream throughput by message size (median of {} rounds)",
+        run.rounds.len()
+    );
+    Some(crate::plot::throughput_svg(&title, &series))
+}
+
+/// Writes the whole report into `dir` (created if missing) and returns the files written:
+/// `report.md`, `report.json`, `<case>.hlog` and `<case>.svg` per latency case, one
+/// `<file>.svg` per [`COMPARE_PLOTS`] plot with two or more cases in the run, and
+/// `throughput.svg` when a [`THROUGHPUT_FAMILIES`] case ran.
 pub fn write_all(run: &Run, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let mut written = Vec::new();
@@ -649,6 +835,14 @@ pub fn write_all(run: &Run, dir: &Path) -> Result<Vec<PathBuf>> {
             put(format!("{}.hlog", c.name), &hlog(run, i)?)?;
             put(format!("{}.svg", c.name), svg(run, i).as_bytes())?;
         }
+    }
+    for p in COMPARE_PLOTS {
+        if let Some(svg) = compare_svg(run, p)? {
+            put(format!("{}.svg", p.file), svg.as_bytes())?;
+        }
+    }
+    if let Some(svg) = throughput_svg(run) {
+        put("throughput.svg".into(), svg.as_bytes())?;
     }
     Ok(written)
 }
@@ -673,5 +867,36 @@ mod tests {
         assert_eq!(fmt_rate(720_000.0), "0.72 M");
         assert_eq!(size_label(65536), "64 KiB");
         assert_eq!(size_label(64), "64 B");
+    }
+
+    #[test]
+    fn plot_tables_name_real_cases() {
+        let all = crate::all_cases();
+        let find = |name: &str| all.iter().find(|c| c.name == name);
+        for p in COMPARE_PLOTS {
+            assert!(p.cases.len() >= 2, "{}", p.file);
+            for name in p.cases {
+                match find(name) {
+                    Some(c) => assert_eq!(c.kind, Kind::Latency, "{}: {name}", p.file),
+                    None => assert!(
+                        crate::peers::cases_named().contains(name),
+                        "{}: no case {name}",
+                        p.file
+                    ),
+                }
+            }
+        }
+        for &(prefix, _) in THROUGHPUT_FAMILIES {
+            let members: Vec<&str> = all
+                .iter()
+                .filter(|c| c.kind == Kind::Throughput && in_family(c.name, prefix))
+                .map(|c| c.name)
+                .collect();
+            assert!(!members.is_empty(), "no case in family {prefix}");
+        }
+        assert!(in_family("ring-headtail-4k", "ring-headtail-"));
+        assert!(!in_family("ring-headtail-batch16-64", "ring-headtail-"));
+        assert!(!in_family("ring-headtail-", "ring-headtail-"));
+        assert!(!in_family("membus-ring-pingpong-64", "ring-headtail-"));
     }
 }

@@ -249,6 +249,158 @@ fn quick_report_is_complete_and_well_formed() {
         let svg = read(&dir.0, &format!("{name}.svg"));
         assert!(svg.starts_with("<svg"), "{name}.svg");
     }
+
+    // Comparison plots: one curve per case of the group that ran (the iceoryx2 cases only with
+    // `--features peers`), none with fewer than two.
+    let listed = |n: &str| cases.iter().any(|(c, k)| c == n && k == "latency");
+    let groups: [(&str, &[&str]); 6] = [
+        (
+            "compare-busy-8",
+            &[
+                "cacheline-pingpong",
+                "membus-ring-pingpong-8",
+                "membus-client-pingpong-8",
+                "iceoryx2-pingpong-8",
+            ],
+        ),
+        (
+            "compare-busy-64",
+            &[
+                "cacheline-pingpong",
+                "membus-ring-pingpong-64",
+                "membus-client-pingpong-64",
+                "iceoryx2-pingpong-64",
+            ],
+        ),
+        (
+            "compare-busy-4k",
+            &[
+                "shm-pingpong-4k",
+                "membus-ring-pingpong-4k",
+                "membus-client-pingpong-4k",
+                "iceoryx2-pingpong-4k",
+            ],
+        ),
+        (
+            "compare-busy-64k",
+            &[
+                "shm-pingpong-64k",
+                "membus-ring-pingpong-64k",
+                "membus-client-pingpong-64k",
+                "iceoryx2-pingpong-64k",
+            ],
+        ),
+        (
+            "compare-busy-1m",
+            &[
+                "shm-pingpong-1m",
+                "membus-ring-pingpong-1m",
+                "iceoryx2-pingpong-1m",
+            ],
+        ),
+        (
+            "compare-blocking-64",
+            &[
+                "eventfd-pingpong",
+                "futex-pingpong",
+                "seqpacket-pingpong-64",
+                "membus-ring-park-64",
+                "membus-client-park-64",
+                "iceoryx2-event-64",
+                "zmq-ipc-pingpong-64",
+                "fallback-pingpong-64",
+            ],
+        ),
+    ];
+    let well_formed = |file: &str, series: &[&str]| {
+        let svg = read(&dir.0, file);
+        assert!(svg.starts_with("<svg"), "{file}");
+        assert!(svg.trim_end().ends_with("</svg>"), "{file}");
+        assert_eq!(
+            svg.matches("<polyline").count(),
+            series.len(),
+            "{file}: one polyline per series {series:?}"
+        );
+        for s in series {
+            assert!(
+                svg.contains(&format!(">{s}")),
+                "{file}: no legend entry {s}"
+            );
+        }
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{file}");
+    };
+    let mut expected_compare = Vec::new();
+    for (file, group) in groups {
+        let present: Vec<&str> = group.iter().copied().filter(|c| listed(c)).collect();
+        let path = format!("{file}.svg");
+        if present.len() < 2 {
+            assert!(!dir.0.join(&path).exists(), "{path} with {present:?}");
+            continue;
+        }
+        well_formed(&path, &present);
+        expected_compare.push(path);
+    }
+    let mut compare_files: Vec<String> = std::fs::read_dir(&dir.0)
+        .expect("read report dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|n| n.starts_with("compare-") && n.ends_with(".svg"))
+        .collect();
+    compare_files.sort();
+    expected_compare.sort();
+    assert_eq!(compare_files, expected_compare);
+    // Every busy-wait comparison has its raw floor and membus even without the peers.
+    assert!(expected_compare.len() >= 5, "{expected_compare:?}");
+    if cfg!(feature = "peers") {
+        assert_eq!(expected_compare.len(), 6);
+        let svg = read(&dir.0, "compare-blocking-64.svg");
+        assert_eq!(svg.matches("<polyline").count(), 8);
+    }
+
+    // Throughput by size: one line per family with a case (prefix + size, so no batch16).
+    let families = [
+        ("ring-slots-", "raw ring, per-slot seq"),
+        ("ring-headtail-", "raw ring, head/tail"),
+        ("seqpacket-stream-", "SEQPACKET stream"),
+        ("membus-stream-", "membus stream"),
+        ("fallback-stream-", "datagram fallback"),
+    ];
+    let present: Vec<&str> = families
+        .iter()
+        .filter(|(prefix, _)| {
+            cases.iter().any(|(c, k)| {
+                k == "throughput" && c.strip_prefix(prefix).is_some_and(|r| !r.contains('-'))
+            })
+        })
+        .map(|&(_, label)| label)
+        .collect();
+    assert_eq!(
+        present.len(),
+        families.len(),
+        "every family runs in --quick"
+    );
+    well_formed("throughput.svg", &present);
+    let svg = read(&dir.0, "throughput.svg");
+    for size in ["64 B", "4 KiB", "64 KiB"] {
+        assert!(
+            svg.contains(&format!(">{size}<")),
+            "throughput.svg: no {size} label"
+        );
+    }
+    let points = cases
+        .iter()
+        .filter(|(c, k)| {
+            k == "throughput"
+                && families
+                    .iter()
+                    .any(|(p, _)| c.strip_prefix(p).is_some_and(|r| !r.contains('-')))
+        })
+        .count();
+    assert_eq!(svg.matches("<circle").count(), points, "a marker per case");
 }
 
 #[test]
