@@ -1,7 +1,9 @@
 //! Turns a [`Run`] into the report under `target/bench-report/`: `report.md` (tables),
 //! `report.json` (one object per case per round, plus the summary), one HdrHistogram interval log
-//! `<case>.hlog` per latency case (one interval per round, tagged `round-N`) and one percentile
-//! plot `<case>.svg` per latency case (one curve per round).
+//! `<case>.hlog` per latency case (one interval per round, tagged `round-N`), one percentile
+//! plot `<case>.svg` per latency case (one curve per round), one `compare-*.svg` per group of
+//! cases compared with each other ([`COMPARE_PLOTS`]) and `throughput.svg` (GB/s by message
+//! size per streaming family).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
