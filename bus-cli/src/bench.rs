@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use benches::case::{Case, CaseResult, Kind, Measurement, Options, Params};
+use benches::case::{Case, CaseResult, Measurement, Options, Params};
 use clap::{Args, ValueEnum};
 use hdrhistogram::serialization::V2Serializer;
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
@@ -33,6 +33,15 @@ pub enum WaitArg {
     Park,
 }
 
+/// Which library to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PeerArg {
+    /// iceoryx2 0.10.0 (needs a `bus` built with `--features peers`).
+    Iceoryx2,
+    /// ZeroMQ over ipc:// (needs a `bus` built with `--features peers`).
+    Zmq,
+}
+
 /// `bus bench` arguments.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -48,9 +57,16 @@ pub struct BenchArgs {
     /// How the receiver waits.
     #[arg(long, value_enum, default_value = "spin")]
     wait: WaitArg,
+    /// Latency through bus-client and a real broker (needs the `bus-broker` binary next to
+    /// `bus`) instead of over bus-core rings alone.
+    #[arg(long)]
+    client: bool,
     /// Go through the broker's datagram fallback instead of shared memory.
     #[arg(long)]
     fallback: bool,
+    /// Measure a peer library instead of membus (latency only).
+    #[arg(long, value_enum)]
+    peer: Option<PeerArg>,
     /// Do not pin the two processes to CPUs 0 and 1.
     #[arg(long)]
     unpinned: bool,
@@ -62,47 +78,83 @@ pub struct BenchArgs {
     hlog: Option<PathBuf>,
 }
 
-/// Picks the harness case for the request.
-fn pick(a: &BenchArgs) -> Result<Case> {
-    let cases = benches::all_cases();
-    let want_kind = match a.what {
-        What::Latency => Kind::Latency,
-        What::Throughput | What::Fanout => Kind::Throughput,
-    };
-    let matches = |c: &&Case| {
-        c.kind == want_kind
-            && c.group == benches::case::Group::Membus
-            && c.name.contains("fallback") == a.fallback
-            && c.name.contains("fanout") == (a.what == What::Fanout)
-            && !c.name.contains("unpinned")
-            && match (a.what, a.wait) {
-                (What::Latency, WaitArg::Spin) => !c.name.contains("park"),
-                (What::Latency, _) => c.name.contains("park") || a.fallback,
-                _ => true,
-            }
-    };
-    let mut found: Vec<&Case> = cases.iter().filter(matches).collect();
-    // Prefer the case whose size is nearest the request (the size is then overridden).
-    found.sort_by_key(|c| c.size.abs_diff(a.size));
-    match found.first() {
-        Some(c) => Ok(**c),
-        None => bail!(
-            "no benchmark measures {:?} with --wait {:?}{}; see `cargo run -p benches --release -- list`",
-            a.what,
-            a.wait,
-            if a.fallback { " over the fallback" } else { "" }
-        ),
+/// The harness case name prefix for the request, and whether its size is fixed (the request's
+/// size is then refused unless it matches).
+fn prefix(a: &BenchArgs) -> Result<(&'static str, bool)> {
+    use WaitArg::{Hybrid, Park, Spin};
+    let flags = usize::from(a.client) + usize::from(a.fallback) + usize::from(a.peer.is_some());
+    if flags > 1 {
+        bail!("choose one of --client, --fallback and --peer");
     }
+    Ok(match (a.what, a.wait, a.fallback, a.peer, a.client) {
+        (What::Latency, _, true, ..) => ("fallback-pingpong-", true),
+        (What::Throughput, _, true, ..) => ("fallback-stream-", true),
+        (What::Fanout, _, true, ..) => bail!("the fallback has no fan-out benchmark"),
+        (What::Latency, Spin, _, Some(PeerArg::Iceoryx2), _) => ("iceoryx2-pingpong-", false),
+        (What::Latency, Park, _, Some(PeerArg::Iceoryx2), _) => ("iceoryx2-event-", true),
+        (What::Latency, Spin, _, Some(PeerArg::Zmq), _) => ("zmq-ipc-spin-", true),
+        (What::Latency, Park, _, Some(PeerArg::Zmq), _) => ("zmq-ipc-pingpong-", true),
+        (What::Latency, Hybrid, _, Some(_), _) => {
+            bail!("the peers have no spin-then-park mode; choose --wait spin or park")
+        }
+        (_, _, _, Some(_), _) => bail!("--peer measures latency only"),
+        (What::Latency, Spin, _, _, false) => ("membus-ring-pingpong-", false),
+        (What::Latency, Hybrid, _, _, false) => ("membus-ring-spinpark-", true),
+        (What::Latency, Park, _, _, false) => ("membus-ring-park-", true),
+        (What::Latency, Spin, _, _, true) => ("membus-client-pingpong-", false),
+        (What::Latency, Hybrid, _, _, true) => ("membus-client-spinpark-", true),
+        (What::Latency, Park, _, _, true) => ("membus-client-park-", true),
+        (_, _, _, _, true) => bail!("--client measures latency only"),
+        (What::Throughput, Spin, ..) => ("membus-stream-", false),
+        (What::Throughput, ..) => bail!("the throughput benchmark busy-polls; use --wait spin"),
+        (What::Fanout, Spin, ..) => ("membus-fanout-", true),
+        (What::Fanout, Park | Hybrid, ..) => ("membus-fanout-park-", true),
+    })
+}
+
+/// Picks the harness case for the request: the case of [`prefix`] whose size is nearest the
+/// request (the size is then overridden), or the one fixed-size case.
+fn pick(a: &BenchArgs) -> Result<Case> {
+    let (prefix, fixed) = prefix(a)?;
+    let cases = benches::all_cases();
+    let mut found: Vec<&Case> = cases
+        .iter()
+        .filter(|c| {
+            c.name.strip_prefix(prefix).is_some_and(|rest| {
+                // Sizes and subscriber counts only: not `-unpinned`, `-idle16`, ...
+                rest.chars()
+                    .all(|ch| ch.is_ascii_digit() || ch == 'k' || ch == 'm')
+            })
+        })
+        .collect();
+    if found.is_empty() {
+        let hint = if a.peer.is_some() && !benches::peers::BUILT {
+            "this `bus` was built without the peer libraries: build it with \
+             `cargo build --release -p bus-cli --features peers`"
+        } else {
+            "see `cargo run -p benches --release -- list`"
+        };
+        bail!(
+            "no benchmark measures {:?} with --wait {:?} here; {hint}",
+            a.what,
+            a.wait
+        );
+    }
+    found.sort_by_key(|c| c.size.abs_diff(a.size));
+    let case = *found[0];
+    if fixed && case.size != a.size && a.what != What::Fanout {
+        bail!(
+            "{} runs at {} B only (asked for --size {})",
+            case.name,
+            case.size,
+            a.size
+        );
+    }
+    Ok(case)
 }
 
 /// Runs `bus bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
-    if a.wait == WaitArg::Hybrid {
-        bail!(
-            "--wait hybrid is measured as the client's default strategy by `bus demo`; for a \
-             two-process ping-pong choose spin (busy-poll) or park"
-        );
-    }
     let case = pick(&a)?;
     let mut opts = Options::new()?;
     opts.unpinned = a.unpinned;
@@ -199,4 +251,85 @@ fn report(a: &BenchArgs, case: &Case, params: &Params, r: &CaseResult) -> Result
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(what: What, size: usize, wait: WaitArg) -> BenchArgs {
+        BenchArgs {
+            what,
+            size,
+            count: None,
+            wait,
+            client: false,
+            fallback: false,
+            peer: None,
+            unpinned: false,
+            json: false,
+            hlog: None,
+        }
+    }
+
+    #[test]
+    fn picks_the_case_for_each_request() {
+        let name = |a: BenchArgs| pick(&a).map(|c| c.name);
+        assert_eq!(
+            name(args(What::Latency, 64, WaitArg::Spin)).unwrap(),
+            "membus-ring-pingpong-64"
+        );
+        assert_eq!(
+            name(args(What::Latency, 1, WaitArg::Spin)).unwrap(),
+            "membus-ring-pingpong-8"
+        );
+        assert_eq!(
+            name(args(What::Latency, 64, WaitArg::Park)).unwrap(),
+            "membus-ring-park-64"
+        );
+        assert_eq!(
+            name(args(What::Latency, 64, WaitArg::Hybrid)).unwrap(),
+            "membus-ring-spinpark-64"
+        );
+        let client = BenchArgs {
+            client: true,
+            ..args(What::Latency, 5000, WaitArg::Spin)
+        };
+        assert_eq!(name(client).unwrap(), "membus-client-pingpong-4k");
+        let fallback = BenchArgs {
+            fallback: true,
+            ..args(What::Latency, 64, WaitArg::Spin)
+        };
+        assert_eq!(name(fallback).unwrap(), "fallback-pingpong-64");
+        assert_eq!(
+            name(args(What::Throughput, 60_000, WaitArg::Spin)).unwrap(),
+            "membus-stream-64k"
+        );
+        assert_eq!(
+            name(args(What::Fanout, 64, WaitArg::Park)).unwrap(),
+            "membus-fanout-park-1"
+        );
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_measure() {
+        let err = |a: BenchArgs| pick(&a).unwrap_err().to_string();
+        assert!(err(args(What::Latency, 128, WaitArg::Park)).contains("64 B only"));
+        assert!(err(args(What::Throughput, 64, WaitArg::Park)).contains("busy-polls"));
+        let both = BenchArgs {
+            client: true,
+            fallback: true,
+            ..args(What::Latency, 64, WaitArg::Spin)
+        };
+        assert!(err(both).contains("choose one of"));
+        let peer = BenchArgs {
+            peer: Some(PeerArg::Iceoryx2),
+            ..args(What::Latency, 64, WaitArg::Spin)
+        };
+        if benches::peers::BUILT {
+            assert_eq!(pick(&peer).unwrap().name, "iceoryx2-pingpong-64");
+        } else {
+            assert!(err(peer).contains("--features peers"));
+        }
+    }
 }
