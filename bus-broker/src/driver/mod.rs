@@ -330,6 +330,8 @@ struct Conn<S> {
     queue: VecDeque<Queued>,
     /// The engine closed it: no more reading; flush `queue`, then close.
     closing: bool,
+    /// The engine paused reading it ([`Out::PauseReads`]): frames wait in the socket.
+    paused: bool,
     /// What the driver has armed.
     io: S,
 }
@@ -501,6 +503,8 @@ impl<R: Readiness> Core<R> {
                 Out::Close { conn } => self.close(conn),
                 Out::Watch { token, fd } => self.watch(token, fd),
                 Out::Unwatch { token } => self.unwatch(token),
+                Out::PauseReads { conn } => self.set_paused(conn, true),
+                Out::ResumeReads { conn } => self.set_paused(conn, false),
             }
         }
     }
@@ -562,6 +566,7 @@ impl<R: Readiness> Core<R> {
                 fd,
                 queue: VecDeque::new(),
                 closing: false,
+                paused: false,
                 io: state,
             },
         );
@@ -604,7 +609,7 @@ impl<R: Readiness> Core<R> {
     pub(crate) fn readable(&mut self, id: ConnId) {
         for _ in 0..READ_BUDGET {
             let result = match self.conns.get(&id) {
-                Some(c) if !c.closing => recv_frame_with(
+                Some(c) if !c.closing && !c.paused => recv_frame_with(
                     c.fd.as_fd(),
                     &mut self.buf,
                     &mut self.fds,
@@ -669,7 +674,9 @@ impl<R: Readiness> Core<R> {
             while let Some(q) = c.queue.front() {
                 match try_send(c.fd.as_fd(), &q.frame, &q.fds) {
                     Ok(()) => {
-                        c.queue.pop_front();
+                        if let Some(q) = c.queue.pop_front() {
+                            self.engine.recycle(q.frame);
+                        }
                         sent += 1;
                     }
                     Err(e) if e == Errno::AGAIN => break,
@@ -709,7 +716,7 @@ impl<R: Readiness> Core<R> {
                 c.queue = VecDeque::new();
             }
         }
-        let (read, write) = (!c.closing, !c.queue.is_empty());
+        let (read, write) = (!c.closing && !c.paused, !c.queue.is_empty());
         self.io.interest(id, c.fd.as_fd(), &mut c.io, read, write);
     }
 
@@ -730,6 +737,7 @@ impl<R: Readiness> Core<R> {
             match try_send(c.fd.as_fd(), &frame, &fds) {
                 Ok(()) => {
                     self.engine.on_sent(id, 1);
+                    self.engine.recycle(frame);
                     return;
                 }
                 Err(e) if e == Errno::AGAIN => {}
@@ -784,6 +792,23 @@ impl<R: Readiness> Core<R> {
             self.engine.on_disconnect(id);
             self.dispatch();
         }
+    }
+
+    /// Out::PauseReads / Out::ResumeReads.
+    fn set_paused(&mut self, id: ConnId, paused: bool) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if c.paused == paused {
+            return;
+        }
+        c.paused = paused;
+        if !paused && !c.closing {
+            // Frames may have waited in the socket with no new readiness report to come: read
+            // them on this turn.
+            self.backlog.push_back(id);
+        }
+        self.refresh(id);
     }
 
     /// Out::Close: flush, then close; no on_disconnect.
