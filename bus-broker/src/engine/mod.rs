@@ -245,6 +245,9 @@ pub struct Engine {
     live_clock: u64,
     /// Frame buffers handed back by the driver ([`Engine::recycle`]), reused for DELIVERs.
     spare_frames: Vec<Vec<u8>>,
+    /// Topics with datagram-published messages not yet pumped to their datagram subscribers
+    /// ([`Engine::flush_relays`]).
+    dirty_relays: Vec<u64>,
     /// Connections in the order they arrived, with their HELLO deadline. Deadlines grow in
     /// this order (one fixed timeout), so the front is the next to expire; entries of clients
     /// that said HELLO or left are skipped and dropped lazily. Keeps `next_deadline` O(1)
@@ -308,6 +311,7 @@ impl Engine {
             scratch: Vec::with_capacity(MAX_FRAME_BYTES),
             live_clock: 0,
             spare_frames: Vec::new(),
+            dirty_relays: Vec::new(),
             hello_deadlines: VecDeque::new(),
         };
         for d in e.decls.clone() {
@@ -476,6 +480,7 @@ impl Engine {
                 self.flush_topic_backlogs(tid);
             }
         }
+        self.flush_relays();
     }
 
     /// Hands back a frame buffer the driver is done with (sent at once), so the relay can
@@ -554,6 +559,7 @@ impl Engine {
         for sid in fallback_subs {
             self.pump_fallback(sid);
         }
+        self.flush_relays();
     }
 
     /// When the engine next needs [`Engine::on_tick`]; `None`: not until another event.
@@ -1607,9 +1613,26 @@ impl Engine {
     }
 
     /// The broker wrote into a ring of `tid` itself (a datagram publisher): its datagram
-    /// subscribers read it now. The broker does not wake its own relay through a wake socket
-    /// (that was a `sendto`, a poll completion and two `recvfrom` per message).
+    /// subscribers read it at the next [`Engine::flush_relays`], so that a burst of PUBLISHes
+    /// read in one go becomes one burst of DELIVERs (the subscriber is woken once, the driver
+    /// can send them in one `sendmmsg`). The broker does not wake its own relay through a wake
+    /// socket (that was a `sendto`, a poll completion and two `recvfrom` per message).
     fn pump_relays(&mut self, tid: u64) {
+        if !self.dirty_relays.contains(&tid) {
+            self.dirty_relays.push(tid);
+        }
+    }
+
+    /// Pumps the datagram subscribers of every topic the broker wrote into since the last
+    /// call. The driver calls it after each batch of [`Engine::on_frame`] calls (one readable
+    /// connection drained); the other events call it themselves.
+    pub fn flush_relays(&mut self) {
+        while let Some(tid) = self.dirty_relays.pop() {
+            self.pump_relays_now(tid);
+        }
+    }
+
+    fn pump_relays_now(&mut self, tid: u64) {
         // By index, without cloning the list: pumping never adds or removes subscribers.
         let mut i = 0;
         while let Some(&sid) = self.topics.get(&tid).and_then(|t| t.subscribers.get(i)) {

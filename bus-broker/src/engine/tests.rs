@@ -92,6 +92,8 @@ impl Harness {
     fn raw(&mut self, conn: ConnId, bytes: &[u8]) -> Vec<Got> {
         let mut fds = FdBatch::new();
         self.e.on_frame(conn, bytes, &mut fds, self.now);
+        // As the driver does after each batch of frames.
+        self.e.flush_relays();
         self.drain()
     }
 
