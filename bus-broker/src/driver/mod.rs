@@ -645,7 +645,7 @@ impl<R: Readiness> Core<R> {
     }
 
     fn read_batch(&mut self, id: ConnId) {
-        for _ in 0..READ_BUDGET {
+        for i in 0..READ_BUDGET {
             let result = match self.conns.get(&id) {
                 Some(c) if !c.closing && !c.paused => recv_frame_with(
                     c.fd.as_fd(),
@@ -661,6 +661,12 @@ impl<R: Readiness> Core<R> {
                         .on_frame(id, &self.buf[..len], &mut self.fds, Instant::now());
                     // Whatever the engine did not take is closed here.
                     self.fds.clear();
+                    if i == 0 {
+                        // The first message is relayed at once: a lone message (a ping-pong)
+                        // does not wait for the receive that finds the socket empty. The rest of
+                        // a burst goes out together after it.
+                        self.engine.flush_relays();
+                    }
                     self.dispatch();
                 }
                 Ok(Received::Eof) => {
