@@ -127,6 +127,9 @@ const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Frame buffers kept for reuse ([`Engine::recycle`]): a relay burst is at most
 /// [`DELIVER_CREDIT`] frames per subscriber before it waits.
 const SPARE_FRAMES: usize = 256;
+/// Only buffers up to this capacity are kept (the pool stays within 1 MiB); DELIVERs of larger
+/// messages allocate, which their copy dwarfs anyway.
+const SPARE_FRAME_BYTES: usize = 4096;
 /// How soon a datagram publisher's backlog is retried.
 const BACKLOG_RETRY: Duration = Duration::from_millis(1);
 
@@ -486,7 +489,7 @@ impl Engine {
     /// Hands back a frame buffer the driver is done with (sent at once), so the relay can
     /// reuse it instead of allocating one per DELIVER.
     pub fn recycle(&mut self, mut frame: Vec<u8>) {
-        if self.spare_frames.len() < SPARE_FRAMES && frame.capacity() <= MAX_FRAME_BYTES {
+        if self.spare_frames.len() < SPARE_FRAMES && frame.capacity() <= SPARE_FRAME_BYTES {
             frame.clear();
             self.spare_frames.push(frame);
         }
