@@ -716,12 +716,23 @@ impl<R: Readiness> Core<R> {
         let mut failed = None;
         if let Some(c) = self.conns.get_mut(&id) {
             while let Some(q) = c.queue.front() {
-                match try_send(c.fd.as_fd(), &q.frame, &q.fds) {
-                    Ok(()) => {
-                        if let Some(q) = c.queue.pop_front() {
+                let result = if q.fds.is_empty() {
+                    // The run of frames without fds at the front: one `sendmmsg`.
+                    let (front, _) = c.queue.as_slices();
+                    let end = front
+                        .iter()
+                        .position(|q| !q.fds.is_empty())
+                        .unwrap_or(front.len());
+                    try_send_many(c.fd.as_fd(), &front[..end])
+                } else {
+                    try_send(c.fd.as_fd(), &q.frame, &q.fds).map(|()| 1)
+                };
+                match result {
+                    Ok(n) => {
+                        for q in c.queue.drain(..n) {
                             self.engine.recycle(q.frame);
                         }
-                        sent += 1;
+                        sent += n as u32;
                     }
                     Err(e) if e == Errno::AGAIN => break,
                     Err(e) => {
