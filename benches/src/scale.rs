@@ -9,15 +9,19 @@
 //!    -> SUBSCRIBED with the cursor page and wake socket, map the page read-write and
 //!    `CursorPage::init` it, SUBSCRIBER_READY -> OK. The histogram of the case is these
 //!    per-client times (p50/p99 in the table; one sample per client, so "samples" = clients).
+//!    Interleaved with it, the floor: after each storm client, one more client that does
+//!    connect, HELLO -> WELCOME and two PING -> PONG (the same number of round trips through
+//!    the same broker, without the memfd, socketpair, fd passing, sealing and mapping).
 //! 4. Idle: with all 11,000 clients connected and idle, sample the broker's CPU time (utime +
 //!    stime from /proc/PID/stat) and its threads' context switches over 2 s.
 //!
 //! Figures in the extras: `rss_kib_base`, `rss_kib_1k`, `fds_1k`, `rss_kib_10k`, `fds_10k`,
 //! `rss_kib_after_storm`, `fds_after_storm`, `idle_cpu_pct`, `idle_wakeups_per_s`,
 //! `clients_idle`, `clients_storm`, `hello_mean_ns_first_1k` / `hello_mean_ns_last_1k` (mean
-//! connect + HELLO time of the first and of the last 1,000 idle connections), and the storm's mean time per step
-//! (`storm_mean_{connect,hello,subscribe,ready}_ns`; subscribe includes mapping and
-//! initialising the cursor page). Targets (PERFORMANCE.md): RSS <= 64 MiB at 10,000 clients,
+//! connect + HELLO time of the first and of the last 1,000 idle connections), the storm's mean,
+//! p50 and p99 time per step (`storm_{mean,p50,p99}_{connect,hello,subscribe,map,ready}_ns`;
+//! subscribe is the SUBSCRIBE round trip, map is the client mapping the cursor page and
+//! `CursorPage::init` on it), and the floor's `floor_p50_ns` / `floor_p99_ns`. Targets (PERFORMANCE.md): RSS <= 64 MiB at 10,000 clients,
 //! connect + subscribe p99 <= 100 us, 0% CPU and no more than 1 wakeup/s when idle.
 //!
 //! `--quick` keeps these counts but samples the idle broker for 0.5 s; the harness test's
@@ -38,6 +42,7 @@ use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 use crate::broker::{Broker, connect};
 use crate::case::{Case, CaseResult, Figure, Group, Kind, Limit, Metric, Params, Pinning};
 use crate::measure::new_histogram;
+use hdrhistogram::Histogram;
 
 const IDLE_LEVELS: [usize; 2] = [1_000, 10_000];
 const STORM: usize = 1_000;
@@ -130,7 +135,7 @@ fn storm_client(
     tx: &mut Vec<u8>,
     rx: &mut [u8],
     fds: &mut FdBatch,
-    phases: &mut [u64; 4],
+    phases: &mut [Histogram<u64>; 5],
 ) -> Result<Subscriber> {
     let t0 = monotonic_ns();
     let sock = connect(path)?;
@@ -149,6 +154,7 @@ fn storm_client(
             topic: TOPIC,
         }),
     )?;
+    let tm = monotonic_ns();
     let Msg::Subscribed(s) = Frame::decode(&rx[..len])
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .msg
@@ -175,8 +181,11 @@ fn storm_client(
         },
     )?;
     let t4 = monotonic_ns();
-    for (acc, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
-        *acc += d;
+    for (h, d) in phases
+        .iter_mut()
+        .zip([t1 - t0, t2 - t1, tm - t2, t3 - tm, t4 - t3])
+    {
+        h.saturating_record(d.max(1));
     }
     Ok(Subscriber {
         _sock: sock,
@@ -198,9 +207,10 @@ fn run(p: &Params) -> Result<CaseResult> {
         _ => Duration::from_millis(200),
     };
     let max_clients = levels[1] + storm;
-    // This process: one socket per client and a wake fd per storm subscriber; the broker: one
-    // socket per client and a cursor page and wake socket per subscriber.
-    raise_nofile((max_clients + 2 * storm) as u64 + 1024)?;
+    // This process: one socket per client (storm and floor clients too) and a wake fd per storm
+    // subscriber; the broker: one socket per client and a cursor page and wake socket per
+    // subscriber.
+    raise_nofile((max_clients + 3 * storm) as u64 + 1024)?;
 
     let mut broker = Broker::start(&p.peer_exe, "warn")?;
     let path = broker.socket().to_path_buf();
@@ -247,25 +257,68 @@ fn run(p: &Params) -> Result<CaseResult> {
 
     let mut h = new_histogram();
     let mut subs = Vec::with_capacity(storm);
-    let mut phases = [0u64; 4];
+    let mut phases: [Histogram<u64>; 5] = std::array::from_fn(|_| new_histogram());
+    // The floor beside it, interleaved, same broker and connections: after each storm client
+    // one that does connect + HELLO + two PINGs (four round trips of socket work like the
+    // storm's, none of its memfd, socketpair, fd passing, sealing and mapping).
+    let mut floor = new_histogram();
+    let mut floor_socks = Vec::with_capacity(storm);
     for i in 0..storm {
         let t0 = monotonic_ns();
         let s = storm_client(&path, &mut tx, &mut rx, &mut fds, &mut phases)
             .with_context(|| format!("storm client {}", i + 1))?;
         h.saturating_record((monotonic_ns() - t0).max(1));
         subs.push(s);
+
+        let t0 = monotonic_ns();
+        let sock = connect(&path).with_context(|| format!("floor client {}", i + 1))?;
+        roundtrip(sock.as_fd(), &mut tx, &mut rx, &mut fds, 1, hello_msg())?;
+        for rid in [2, 3] {
+            roundtrip(
+                sock.as_fd(),
+                &mut tx,
+                &mut rx,
+                &mut fds,
+                rid,
+                Msg::Ping { token: rid },
+            )?;
+        }
+        floor.saturating_record((monotonic_ns() - t0).max(1));
+        floor_socks.push(sock);
     }
     for (k, v) in [
-        "storm_mean_connect_ns",
-        "storm_mean_hello_ns",
-        "storm_mean_subscribe_ns",
-        "storm_mean_ready_ns",
+        (
+            "storm_mean_connect_ns",
+            "storm_p50_connect_ns",
+            "storm_p99_connect_ns",
+        ),
+        (
+            "storm_mean_hello_ns",
+            "storm_p50_hello_ns",
+            "storm_p99_hello_ns",
+        ),
+        (
+            "storm_mean_subscribe_ns",
+            "storm_p50_subscribe_ns",
+            "storm_p99_subscribe_ns",
+        ),
+        ("storm_mean_map_ns", "storm_p50_map_ns", "storm_p99_map_ns"),
+        (
+            "storm_mean_ready_ns",
+            "storm_p50_ready_ns",
+            "storm_p99_ready_ns",
+        ),
     ]
     .into_iter()
-    .zip(phases)
+    .zip(&phases)
     {
-        extra.push((k, v as f64 / storm as f64));
+        extra.push((k.0, v.mean()));
+        extra.push((k.1, v.value_at_quantile(0.5) as f64));
+        extra.push((k.2, v.value_at_quantile(0.99) as f64));
     }
+    extra.push(("floor_p50_ns", floor.value_at_quantile(0.5) as f64));
+    extra.push(("floor_p99_ns", floor.value_at_quantile(0.99) as f64));
+    drop(floor_socks);
     extra.push(("rss_kib_after_storm", broker.rss_kib()? as f64));
     extra.push(("fds_after_storm", broker.open_fds()? as f64));
 

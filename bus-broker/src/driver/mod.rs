@@ -37,7 +37,7 @@ use bus_core::sys::scm::{FdBatch, Received, RecvError, recv_frame_with, send_fra
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use rustix::io::Errno;
-use rustix::net::{RecvFlags, SendFlags};
+use rustix::net::{MMsgHdr, RecvFlags, SendAncillaryBuffer, SendFlags, sendmmsg};
 
 use crate::addr::{Listener, peer_credentials};
 use crate::engine::{ConnId, Creds, Engine, Out};
@@ -48,6 +48,8 @@ pub const DRIVER_ENV: &str = "MEMBUS_DRIVER";
 
 /// Frames read from one connection before the others get a turn.
 const READ_BUDGET: usize = 64;
+/// Frames to one connection sent by one `sendmmsg` at most.
+const SEND_BATCH: usize = 64;
 /// Connections accepted per listener readiness (epoll) before other events get a turn.
 pub(crate) const ACCEPT_BUDGET: usize = 256;
 /// How long accepting pauses after `EMFILE`/`ENFILE`/`ENOMEM` (the pending connections wait in
@@ -330,6 +332,8 @@ struct Conn<S> {
     queue: VecDeque<Queued>,
     /// The engine closed it: no more reading; flush `queue`, then close.
     closing: bool,
+    /// The engine paused reading it ([`Out::PauseReads`]): frames wait in the socket.
+    paused: bool,
     /// What the driver has armed.
     io: S,
 }
@@ -396,6 +400,9 @@ pub(crate) struct Core<R: Readiness> {
     fds: FdBatch,
     /// Connections that still had data when their read budget ran out.
     backlog: VecDeque<ConnId>,
+    /// Frames for `pending_conn` collected by [`Core::dispatch`], not yet sent.
+    pending: Vec<Queued>,
+    pending_conn: Option<ConnId>,
     /// Closing connections by deadline (pushed in time order: the linger is fixed).
     lingering: VecDeque<(Instant, ConnId)>,
     accept_paused_until: Option<Instant>,
@@ -417,6 +424,8 @@ impl<R: Readiness> Core<R> {
             buf: vec![0u8; MAX_FRAME_BYTES].into_boxed_slice(),
             fds: FdBatch::new(),
             backlog: VecDeque::new(),
+            pending: Vec::with_capacity(SEND_BATCH),
+            pending_conn: None,
             lingering: VecDeque::new(),
             accept_paused_until: None,
             phase: Phase::Running,
@@ -493,14 +502,40 @@ impl<R: Readiness> Core<R> {
         !self.backlog.is_empty()
     }
 
-    /// Drains [`Engine::poll_out`], carrying out each action.
+    /// Drains [`Engine::poll_out`], carrying out each action. Consecutive sends to one
+    /// connection go out together ([`Core::flush_sends`]: one `sendmmsg`).
     fn dispatch(&mut self) {
-        while let Some(out) = self.engine.poll_out() {
+        loop {
+            while let Some(out) = self.engine.poll_out() {
+                self.act(out);
+            }
+            if self.pending.is_empty() {
+                return;
+            }
+            // Reporting the sends may make the engine queue more (a relay with new credit).
+            self.flush_sends();
+        }
+    }
+
+    fn act(&mut self, out: Out) {
+        if let Out::Send { conn, frame, fds } = out {
+            if self.pending_conn != Some(conn) || self.pending.len() >= SEND_BATCH {
+                self.flush_sends();
+                self.pending_conn = Some(conn);
+            }
+            self.pending.push(Queued { frame, fds });
+            return;
+        }
+        // Everything else happens after the sends queued before it.
+        self.flush_sends();
+        {
             match out {
-                Out::Send { conn, frame, fds } => self.send(conn, frame, fds),
+                Out::Send { .. } => unreachable!("handled above"),
                 Out::Close { conn } => self.close(conn),
                 Out::Watch { token, fd } => self.watch(token, fd),
                 Out::Unwatch { token } => self.unwatch(token),
+                Out::PauseReads { conn } => self.set_paused(conn, true),
+                Out::ResumeReads { conn } => self.set_paused(conn, false),
             }
         }
     }
@@ -562,6 +597,7 @@ impl<R: Readiness> Core<R> {
                 fd,
                 queue: VecDeque::new(),
                 closing: false,
+                paused: false,
                 io: state,
             },
         );
@@ -600,11 +636,18 @@ impl<R: Readiness> Core<R> {
         }
     }
 
-    /// `id` is readable (or hung up): read datagrams until `EAGAIN` or the budget runs out.
+    /// `id` is readable (or hung up): read datagrams until `EAGAIN` or the budget runs out,
+    /// then let the engine relay what they published, as one burst.
     pub(crate) fn readable(&mut self, id: ConnId) {
-        for _ in 0..READ_BUDGET {
+        self.read_batch(id);
+        self.engine.flush_relays();
+        self.dispatch();
+    }
+
+    fn read_batch(&mut self, id: ConnId) {
+        for i in 0..READ_BUDGET {
             let result = match self.conns.get(&id) {
-                Some(c) if !c.closing => recv_frame_with(
+                Some(c) if !c.closing && !c.paused => recv_frame_with(
                     c.fd.as_fd(),
                     &mut self.buf,
                     &mut self.fds,
@@ -618,6 +661,12 @@ impl<R: Readiness> Core<R> {
                         .on_frame(id, &self.buf[..len], &mut self.fds, Instant::now());
                     // Whatever the engine did not take is closed here.
                     self.fds.clear();
+                    if i == 0 {
+                        // The first message is relayed at once: a lone message (a ping-pong)
+                        // does not wait for the receive that finds the socket empty. The rest of
+                        // a burst goes out together after it.
+                        self.engine.flush_relays();
+                    }
                     self.dispatch();
                 }
                 Ok(Received::Eof) => {
@@ -667,10 +716,23 @@ impl<R: Readiness> Core<R> {
         let mut failed = None;
         if let Some(c) = self.conns.get_mut(&id) {
             while let Some(q) = c.queue.front() {
-                match try_send(c.fd.as_fd(), &q.frame, &q.fds) {
-                    Ok(()) => {
-                        c.queue.pop_front();
-                        sent += 1;
+                let result = if q.fds.is_empty() {
+                    // The run of frames without fds at the front: one `sendmmsg`.
+                    let (front, _) = c.queue.as_slices();
+                    let end = front
+                        .iter()
+                        .position(|q| !q.fds.is_empty())
+                        .unwrap_or(front.len());
+                    try_send_many(c.fd.as_fd(), &front[..end])
+                } else {
+                    try_send(c.fd.as_fd(), &q.frame, &q.fds).map(|()| 1)
+                };
+                match result {
+                    Ok(n) => {
+                        for q in c.queue.drain(..n) {
+                            self.engine.recycle(q.frame);
+                        }
+                        sent += n as u32;
                     }
                     Err(e) if e == Errno::AGAIN => break,
                     Err(e) => {
@@ -709,13 +771,29 @@ impl<R: Readiness> Core<R> {
                 c.queue = VecDeque::new();
             }
         }
-        let (read, write) = (!c.closing, !c.queue.is_empty());
+        let (read, write) = (!c.closing && !c.paused, !c.queue.is_empty());
         self.io.interest(id, c.fd.as_fd(), &mut c.io, read, write);
     }
 
-    fn send(&mut self, id: ConnId, frame: Vec<u8>, fds: Vec<Arc<OwnedFd>>) {
+    /// Sends the frames collected for one connection ([`Core::dispatch`]): at once if its
+    /// queue is empty (runs of frames without fds in one `sendmmsg`), queueing what the socket
+    /// refuses.
+    fn flush_sends(&mut self) {
+        let Some(id) = self.pending_conn.take() else {
+            return;
+        };
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.pending);
+        self.send_batch(id, &mut batch);
+        batch.clear();
+        self.pending = batch;
+    }
+
+    fn send_batch(&mut self, id: ConnId, batch: &mut Vec<Queued>) {
         let Some(c) = self.conns.get_mut(&id) else {
-            tracing::trace!(conn = id, "frame for a connection that is gone: dropped");
+            tracing::trace!(conn = id, "frames for a connection that is gone: dropped");
             return;
         };
         if c.closing {
@@ -726,33 +804,56 @@ impl<R: Readiness> Core<R> {
             );
             return;
         }
-        if c.queue.is_empty() {
-            match try_send(c.fd.as_fd(), &frame, &fds) {
-                Ok(()) => {
-                    self.engine.on_sent(id, 1);
-                    return;
-                }
-                Err(e) if e == Errno::AGAIN => {}
-                Err(e) => {
-                    self.send_failed(id, e);
-                    return;
+        let was_empty = c.queue.is_empty();
+        let mut sent = 0usize;
+        let mut failed = None;
+        if was_empty {
+            while sent < batch.len() {
+                let result = if batch[sent].fds.is_empty() {
+                    // A run of frames without fds: one system call.
+                    let end = batch[sent..]
+                        .iter()
+                        .position(|q| !q.fds.is_empty())
+                        .map_or(batch.len(), |p| sent + p);
+                    try_send_many(c.fd.as_fd(), &batch[sent..end])
+                } else {
+                    try_send(c.fd.as_fd(), &batch[sent].frame, &batch[sent].fds).map(|()| 1)
+                };
+                match result {
+                    Ok(n) => sent += n,
+                    Err(e) if e == Errno::AGAIN => break,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
             }
         }
-        c.queue.push_back(Queued { frame, fds });
-        if c.queue.len() > self.options.max_queued_frames {
+        // A short `sendmmsg` leaves the rest for POLLOUT (where an error would show again).
+        c.queue.extend(batch.drain(sent..));
+        let queued = c.queue.len();
+        for q in batch.drain(..) {
+            self.engine.recycle(q.frame);
+        }
+        if sent > 0 {
+            self.engine.on_sent(id, sent as u32);
+        }
+        if let Some(e) = failed {
+            self.send_failed(id, e);
+            return;
+        }
+        if queued > self.options.max_queued_frames {
             tracing::warn!(
                 conn = id,
-                queued = c.queue.len(),
-                "client does not read its socket ({} frames queued, limit {}); disconnecting it",
-                c.queue.len(),
+                queued,
+                "client does not read its socket ({queued} frames queued, limit {}); disconnecting it",
                 self.options.max_queued_frames
             );
             self.remove(id);
             self.engine.on_disconnect(id);
             return;
         }
-        if c.queue.len() == 1 {
+        if was_empty && queued > 0 {
             self.refresh(id);
         }
     }
@@ -784,6 +885,23 @@ impl<R: Readiness> Core<R> {
             self.engine.on_disconnect(id);
             self.dispatch();
         }
+    }
+
+    /// Out::PauseReads / Out::ResumeReads.
+    fn set_paused(&mut self, id: ConnId, paused: bool) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if c.paused == paused {
+            return;
+        }
+        c.paused = paused;
+        if !paused && !c.closing {
+            // Frames may have waited in the socket with no new readiness report to come: read
+            // them on this turn.
+            self.backlog.push_back(id);
+        }
+        self.refresh(id);
     }
 
     /// Out::Close: flush, then close; no on_disconnect.
@@ -904,6 +1022,28 @@ impl<R: Readiness> Core<R> {
             }
         }
     }
+}
+
+/// Frames without fds sent by one `sendmmsg`, at most [`SEND_BATCH`]; returns how many went.
+/// No allocation: the headers live on the stack.
+fn try_send_many(sock: BorrowedFd<'_>, frames: &[Queued]) -> Result<usize, Errno> {
+    let n = frames.len().min(SEND_BATCH);
+    if n == 1 {
+        return try_send(sock, &frames[0].frame, &[]).map(|()| 1);
+    }
+    let iovs: [[io::IoSlice<'_>; 1]; SEND_BATCH] = std::array::from_fn(|i| {
+        [io::IoSlice::new(
+            frames.get(i).map_or(&[][..], |q| &q.frame),
+        )]
+    });
+    let mut controls: [SendAncillaryBuffer<'_, '_, '_>; SEND_BATCH] =
+        std::array::from_fn(|_| SendAncillaryBuffer::default());
+    let mut parts = controls.iter_mut().zip(iovs.iter());
+    let mut msgs: [MMsgHdr<'_>; SEND_BATCH] = std::array::from_fn(|_| {
+        let (control, iov) = parts.next().expect("as many as the array");
+        MMsgHdr::new(iov, control)
+    });
+    sendmmsg(sock, &mut msgs[..n], SendFlags::DONTWAIT)
 }
 
 /// One non-blocking send with `fds` attached; no allocation.

@@ -438,7 +438,12 @@ fn handle(core: &mut Core<UringIo<'_>>, user_data: u64, result: i32, flags: u32)
             if result >= 0 {
                 core.readable(id);
             }
-            if !more && let Some(state) = core.conn_state(id) {
+            // A cancelled poll (paused or closing) was already marked as not reading when the
+            // cancel was pushed; a new poll may be armed by now, which this must not disarm.
+            if !more
+                && !cancelled
+                && let Some(state) = core.conn_state(id)
+            {
                 state.reading = false;
                 // `refresh` re-arms it unless the connection is closing.
                 core.refresh(id);

@@ -86,6 +86,19 @@ pub enum Out {
         /// Which.
         token: u64,
     },
+    /// Stop reading frames from `conn` until [`Out::ResumeReads`]: a datagram publisher on it
+    /// has [`FALLBACK_BACKLOG`] messages waiting for ring space. Its further PUBLISHes wait in
+    /// its socket (and then in its own `send`): ordinary socket back-pressure instead of one
+    /// `too-slow` ERROR per message.
+    PauseReads {
+        /// Which.
+        conn: ConnId,
+    },
+    /// Read frames from `conn` again (its publishers' backlogs are empty).
+    ResumeReads {
+        /// Which.
+        conn: ConnId,
+    },
 }
 
 /// Which half of an introduction to perform (see [`Engine::connect_pair`]).
@@ -102,11 +115,21 @@ enum Half {
 /// Frames a datagram subscriber may have in flight before the broker stops reading its rings
 /// (its cursor then stays put, which is the back-pressure a reliable publisher feels).
 const DELIVER_CREDIT: u32 = 64;
-/// Messages a datagram publisher may have waiting for ring space before PUBLISH is refused.
-const FALLBACK_BACKLOG: usize = 256;
+/// Messages a datagram publisher may have waiting for ring space before the broker stops reading
+/// its connection ([`Out::PauseReads`]).
+pub const FALLBACK_BACKLOG: usize = 256;
+/// Messages that may wait before a PUBLISH is refused with `too-slow`: only reached by a driver
+/// that keeps handing over frames after [`Out::PauseReads`] (both drivers stop at once).
+const FALLBACK_BACKLOG_LIMIT: usize = 2 * FALLBACK_BACKLOG;
 /// How often stalled reliable subscribers are looked for (at most once a second: an idle
 /// broker must not wake more often).
 const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Frame buffers kept for reuse ([`Engine::recycle`]): a relay burst is at most
+/// [`DELIVER_CREDIT`] frames per subscriber before it waits.
+const SPARE_FRAMES: usize = 256;
+/// Only buffers up to this capacity are kept (the pool stays within 1 MiB); DELIVERs of larger
+/// messages allocate, which their copy dwarfs anyway.
+const SPARE_FRAME_BYTES: usize = 4096;
 /// How soon a datagram publisher's backlog is retried.
 const BACKLOG_RETRY: Duration = Duration::from_millis(1);
 
@@ -126,6 +149,8 @@ struct Client {
     subscribers: Vec<u64>,
     /// Frames handed to the driver and not yet reported sent.
     inflight: u32,
+    /// Reads are paused ([`Out::PauseReads`]) until its publishers' backlogs drain.
+    paused: bool,
 }
 
 struct Topic {
@@ -221,6 +246,11 @@ pub struct Engine {
     /// Orders publishers and subscribers becoming live: a subscriber reads the ring of a
     /// publisher that became live after it from the ring's first record.
     live_clock: u64,
+    /// Frame buffers handed back by the driver ([`Engine::recycle`]), reused for DELIVERs.
+    spare_frames: Vec<Vec<u8>>,
+    /// Topics with datagram-published messages not yet pumped to their datagram subscribers
+    /// ([`Engine::flush_relays`]).
+    dirty_relays: Vec<u64>,
     /// Connections in the order they arrived, with their HELLO deadline. Deadlines grow in
     /// this order (one fixed timeout), so the front is the next to expire; entries of clients
     /// that said HELLO or left are skipped and dropped lazily. Keeps `next_deadline` O(1)
@@ -283,6 +313,8 @@ impl Engine {
             now,
             scratch: Vec::with_capacity(MAX_FRAME_BYTES),
             live_clock: 0,
+            spare_frames: Vec::new(),
+            dirty_relays: Vec::new(),
             hello_deadlines: VecDeque::new(),
         };
         for d in e.decls.clone() {
@@ -391,6 +423,7 @@ impl Engine {
             publishers: Vec::new(),
             subscribers: Vec::new(),
             inflight: 0,
+            paused: false,
         };
         let full = self.clients.len() >= self.limits.max_clients as usize;
         if let Phase::AwaitingHello { deadline } = client.phase {
@@ -432,10 +465,33 @@ impl Engine {
         let Some(c) = self.clients.get_mut(&conn) else {
             return;
         };
+        let had_no_credit = c.inflight >= DELIVER_CREDIT;
         c.inflight = c.inflight.saturating_sub(frames);
-        let subs = c.subscribers.clone();
-        for sid in subs {
+        // A subscriber's relay only stops for lack of credit: with credit to spare nothing
+        // waits on this (and the common case, a send that completed at once, costs nothing).
+        if !had_no_credit {
+            return;
+        }
+        // By index: pumping never adds or removes this client's subscribers, and cloning the
+        // list would allocate per send.
+        let mut i = 0;
+        while let Some(&sid) = self.clients.get(&conn).and_then(|c| c.subscribers.get(i)) {
+            i += 1;
             self.pump_fallback(sid);
+            // The relay moved its cursor: space for the broker's own writers on that topic.
+            if let Some(tid) = self.subscribers.get(&sid).map(|s| s.topic) {
+                self.flush_topic_backlogs(tid);
+            }
+        }
+        self.flush_relays();
+    }
+
+    /// Hands back a frame buffer the driver is done with (sent at once), so the relay can
+    /// reuse it instead of allocating one per DELIVER.
+    pub fn recycle(&mut self, mut frame: Vec<u8>) {
+        if self.spare_frames.len() < SPARE_FRAMES && frame.capacity() <= SPARE_FRAME_BYTES {
+            frame.clear();
+            self.spare_frames.push(frame);
         }
     }
 
@@ -506,6 +562,7 @@ impl Engine {
         for sid in fallback_subs {
             self.pump_fallback(sid);
         }
+        self.flush_relays();
     }
 
     /// When the engine next needs [`Engine::on_tick`]; `None`: not until another event.
@@ -1059,7 +1116,14 @@ impl Engine {
             let view = map_cursor_page(&*cursor_fd, Access::ReadOnly)
                 .map_err(|e| e.to_string())
                 .and_then(|m| CursorView::attach(m, sid).map_err(|e| e.to_string()));
-            let wake = rustix::io::fcntl_dupfd_cloexec(&*wake_tx, 0).map(WakeSender::from_fd);
+            // The broker's own relay (a datagram subscriber) is pumped directly after each
+            // PUBLISH (`pump_relays`): it needs no wake datagram from the broker to itself.
+            let wake = if delivery == Transport::Datagram {
+                Ok(None)
+            } else {
+                rustix::io::fcntl_dupfd_cloexec(&*wake_tx, 0)
+                    .map(|fd| Some(WakeSender::from_fd(fd)))
+            };
             match (view, wake) {
                 (Ok(view), Ok(wake)) => {
                     let w = self
@@ -1068,9 +1132,9 @@ impl Engine {
                         .and_then(|p| p.writer.as_mut())
                         .expect("relay");
                     let added = if from_start {
-                        w.add_reader_from_start(view, slot as usize, Some(wake))
+                        w.add_reader_from_start(view, slot as usize, wake)
                     } else {
-                        w.add_reader(view, slot as usize, Some(wake))
+                        w.add_reader(view, slot as usize, wake)
                     };
                     if let Err(e) = added {
                         tracing::warn!(publisher = pid, subscriber = sid, %e, "relay cannot track subscriber");
@@ -1163,6 +1227,8 @@ impl Engine {
         if let Some(c) = self.clients.get_mut(&p.conn) {
             c.publishers.retain(|&x| x != pid);
         }
+        // Its backlog went with it: reading its connection may resume.
+        self.maybe_resume_reads(p.conn);
         let Some(t) = self.topics.get_mut(&p.topic) else {
             return;
         };
@@ -1459,21 +1525,56 @@ impl Engine {
                 ),
             ));
         }
+        let (topic, conn) = (p.topic, p.conn);
         if p.backlog.is_empty() && w.try_publish(payload).is_ok() {
+            self.pump_relays(topic);
             return Ok(());
         }
-        if p.backlog.len() >= FALLBACK_BACKLOG {
+        if p.backlog.len() >= FALLBACK_BACKLOG_LIMIT {
             p.refused += 1;
             return Err(reject(
                 ErrorCode::TooSlow,
                 format!(
-                    "the ring is full and {FALLBACK_BACKLOG} messages already wait: a reliable \
-                     subscriber is not keeping up; this message was not published, send it again later"
+                    "the ring is full and {} messages already wait: a reliable subscriber is not \
+                     keeping up; this message was not published, send it again later",
+                    p.backlog.len()
                 ),
             ));
         }
         p.backlog.push_back(payload.to_vec());
+        if p.backlog.len() >= FALLBACK_BACKLOG {
+            self.pause_reads(conn);
+        }
         Ok(())
+    }
+
+    fn pause_reads(&mut self, conn: ConnId) {
+        if let Some(c) = self.clients.get_mut(&conn)
+            && !c.paused
+        {
+            c.paused = true;
+            tracing::debug!(conn, "datagram publisher backlog full: reads paused");
+            self.out.push_back(Out::PauseReads { conn });
+        }
+    }
+
+    /// Resumes reading `conn` once none of its publishers has a backlog.
+    fn maybe_resume_reads(&mut self, conn: ConnId) {
+        let Some(c) = self.clients.get(&conn) else {
+            return;
+        };
+        if !c.paused
+            || c.publishers.iter().any(|pid| {
+                self.publishers
+                    .get(pid)
+                    .is_some_and(|p| !p.backlog.is_empty())
+            })
+        {
+            return;
+        }
+        self.clients.get_mut(&conn).expect("exists").paused = false;
+        tracing::debug!(conn, "datagram publisher backlog drained: reads resumed");
+        self.out.push_back(Out::ResumeReads { conn });
     }
 
     fn flush_backlog(&mut self, pid: u64) {
@@ -1481,11 +1582,71 @@ impl Engine {
             return;
         };
         let Some(w) = p.writer.as_mut() else { return };
+        let (topic, conn) = (p.topic, p.conn);
+        let mut moved = false;
         while let Some(msg) = p.backlog.front() {
             if w.try_publish(msg).is_err() {
                 break;
             }
             p.backlog.pop_front();
+            moved = true;
+        }
+        let empty = p.backlog.is_empty();
+        if moved {
+            self.pump_relays(topic);
+        }
+        if empty {
+            self.maybe_resume_reads(conn);
+        }
+    }
+
+    /// Retries the backlogs of the datagram publishers of `tid` (a relay freed ring space).
+    fn flush_topic_backlogs(&mut self, tid: u64) {
+        let mut i = 0;
+        while let Some(&pid) = self.topics.get(&tid).and_then(|t| t.publishers.get(i)) {
+            i += 1;
+            if self
+                .publishers
+                .get(&pid)
+                .is_some_and(|p| !p.backlog.is_empty())
+            {
+                self.flush_backlog(pid);
+            }
+        }
+    }
+
+    /// The broker wrote into a ring of `tid` itself (a datagram publisher): its datagram
+    /// subscribers read it at the next [`Engine::flush_relays`], so that a burst of PUBLISHes
+    /// read in one go becomes one burst of DELIVERs (the subscriber is woken once, the driver
+    /// can send them in one `sendmmsg`). The broker does not wake its own relay through a wake
+    /// socket (that was a `sendto`, a poll completion and two `recvfrom` per message).
+    fn pump_relays(&mut self, tid: u64) {
+        if !self.dirty_relays.contains(&tid) {
+            self.dirty_relays.push(tid);
+        }
+    }
+
+    /// Pumps the datagram subscribers of every topic the broker wrote into since the last
+    /// call. The driver calls it after each batch of [`Engine::on_frame`] calls (one readable
+    /// connection drained); the other events call it themselves.
+    pub fn flush_relays(&mut self) {
+        while let Some(tid) = self.dirty_relays.pop() {
+            self.pump_relays_now(tid);
+        }
+    }
+
+    fn pump_relays_now(&mut self, tid: u64) {
+        // By index, without cloning the list: pumping never adds or removes subscribers.
+        let mut i = 0;
+        while let Some(&sid) = self.topics.get(&tid).and_then(|t| t.subscribers.get(i)) {
+            i += 1;
+            if self
+                .subscribers
+                .get(&sid)
+                .is_some_and(|s| s.fallback.is_some())
+            {
+                self.pump_fallback(sid);
+            }
         }
     }
 
@@ -1541,7 +1702,9 @@ impl Engine {
                     .is_ok();
                     // Lossy rings: the copy is only good if the bytes were not overwritten.
                     if ok && sample.is_intact() {
-                        Step::Sent(frame.clone())
+                        let mut owned = self.spare_frames.pop().unwrap_or_default();
+                        owned.extend_from_slice(frame);
+                        Step::Sent(owned)
                     } else {
                         Step::Skipped
                     }

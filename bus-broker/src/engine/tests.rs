@@ -53,6 +53,12 @@ struct Harness {
     now: Instant,
     watches: Vec<(u64, Arc<OwnedFd>)>,
     closed: Vec<ConnId>,
+    /// Connections whose reads are paused.
+    paused: Vec<ConnId>,
+    /// Connections whose sends are not reported complete (a client that does not read).
+    held: Vec<ConnId>,
+    /// Sends to `held` connections, not yet reported.
+    unacked: Vec<ConnId>,
 }
 
 impl Harness {
@@ -66,6 +72,9 @@ impl Harness {
             now: Instant::now(),
             watches: Vec::new(),
             closed: Vec::new(),
+            paused: Vec::new(),
+            held: Vec::new(),
+            unacked: Vec::new(),
         }
     }
 
@@ -83,6 +92,8 @@ impl Harness {
     fn raw(&mut self, conn: ConnId, bytes: &[u8]) -> Vec<Got> {
         let mut fds = FdBatch::new();
         self.e.on_frame(conn, bytes, &mut fds, self.now);
+        // As the driver does after each batch of frames.
+        self.e.flush_relays();
         self.drain()
     }
 
@@ -91,12 +102,18 @@ impl Harness {
         while let Some(o) = self.e.poll_out() {
             match o {
                 Out::Send { conn, frame, fds } => {
-                    self.e.on_sent(conn, 1);
+                    if self.held.contains(&conn) {
+                        self.unacked.push(conn);
+                    } else {
+                        self.e.on_sent(conn, 1);
+                    }
                     got.push(Got { conn, frame, fds })
                 }
                 Out::Close { conn } => self.closed.push(conn),
                 Out::Watch { token, fd } => self.watches.push((token, fd)),
                 Out::Unwatch { token } => self.watches.retain(|(t, _)| *t != token),
+                Out::PauseReads { conn } => self.paused.push(conn),
+                Out::ResumeReads { conn } => self.paused.retain(|&c| c != conn),
             }
         }
         got
@@ -691,4 +708,138 @@ fn stats_describe_topics_publishers_and_subscribers() {
     let _: serde_json::Value = serde_json::from_str(r.json).unwrap();
     assert_eq!(got[0].request_id(), 77);
     let _ = Mode::Reliable;
+}
+
+/// A datagram publisher and a datagram subscriber on `topic` (ring of `ring` bytes): returns
+/// (publisher id, subscriber id).
+fn datagram_pair(h: &mut Harness, topic: &str, ring: u64) -> (u64, u64) {
+    h.connect(1);
+    h.connect(2);
+    let got = h.frame(
+        2,
+        6,
+        Msg::Subscribe(Subscribe {
+            mode: ModeRequest::Reliable,
+            delivery: Transport::Datagram,
+            topic,
+        }),
+    );
+    let Msg::Subscribed(sub) = got[0].msg() else {
+        panic!("{got:?}")
+    };
+    let got = h.frame(
+        1,
+        5,
+        Msg::CreatePublisher(CreatePublisher {
+            ring_data_bytes: ring,
+            max_message_bytes: 0,
+            mode: ModeRequest::Reliable,
+            transport: Transport::Datagram,
+            topic,
+        }),
+    );
+    let Msg::RingGranted(g) = got[0].msg() else {
+        panic!("{got:?}")
+    };
+    (g.publisher_id, sub.subscriber_id)
+}
+
+fn delivers(got: &[Got]) -> Vec<(u64, Vec<u8>)> {
+    got.iter()
+        .filter_map(|g| match g.msg() {
+            Msg::Deliver(d) => {
+                assert_eq!(g.conn, 2, "DELIVER to the subscriber's connection");
+                Some((d.seq, d.payload.to_vec()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn datagram_to_datagram_relay_delivers_at_once_without_waking_itself() {
+    let mut h = Harness::new();
+    let (pid, _) = datagram_pair(&mut h, "dg", 0);
+    assert_eq!(h.watches.len(), 1, "the relay's wake socket is watched");
+    for (i, m) in [&b"one"[..], b"", &[9u8; 500]].iter().enumerate() {
+        let got = h.frame(
+            1,
+            0,
+            Msg::Publish(Publish {
+                publisher_id: pid,
+                payload: m,
+            }),
+        );
+        // Delivered while handling the PUBLISH, no wake-up needed.
+        assert_eq!(delivers(&got), vec![(i as u64, m.to_vec())], "{got:?}");
+    }
+    // And the broker sent nothing to its own wake socket.
+    let mut byte = [0u8; 8];
+    let r = rustix::net::recv(
+        h.watches[0].1.as_fd(),
+        &mut byte[..],
+        rustix::net::RecvFlags::DONTWAIT,
+    );
+    assert_eq!(
+        r.err(),
+        Some(rustix::io::Errno::AGAIN),
+        "no self-wake datagram"
+    );
+}
+
+#[test]
+fn full_relay_pauses_the_publisher_instead_of_refusing() {
+    let mut h = Harness::new();
+    let (pid, _) = datagram_pair(&mut h, "bp", 4096);
+    // The subscriber does not read its socket: its sends are never reported complete.
+    h.held.push(2);
+    let total = 600u32;
+    let mut got_all = Vec::new();
+    let mut sent = 0u32;
+    while sent < total && !h.paused.contains(&1) {
+        let got = h.frame(
+            1,
+            u64::from(sent) + 1,
+            Msg::Publish(Publish {
+                publisher_id: pid,
+                payload: &sent.to_le_bytes(),
+            }),
+        );
+        assert!(
+            got.iter().all(|g| !matches!(g.msg(), Msg::Error(_))),
+            "no refusal while the backlog fills: {got:?}"
+        );
+        got_all.extend(got);
+        sent += 1;
+    }
+    assert!(h.paused.contains(&1), "reads of the publisher paused");
+    assert!(sent < total, "paused before {total} messages");
+    // The subscriber reads: every completed send frees credit, the relay moves on, the backlog
+    // drains, and the publisher is read again.
+    h.held.clear();
+    while let Some(conn) = h.unacked.pop() {
+        h.e.on_sent(conn, 1);
+        got_all.extend(h.drain());
+    }
+    assert!(
+        !h.paused.contains(&1),
+        "reads resumed once the backlog drained"
+    );
+    while sent < total {
+        got_all.extend(h.frame(
+            1,
+            u64::from(sent) + 1,
+            Msg::Publish(Publish {
+                publisher_id: pid,
+                payload: &sent.to_le_bytes(),
+            }),
+        ));
+        sent += 1;
+    }
+    let d = delivers(&got_all);
+    assert_eq!(d.len(), total as usize, "every message delivered once");
+    for (i, (seq, payload)) in d.iter().enumerate() {
+        assert_eq!(*seq, i as u64);
+        assert_eq!(payload[..], (i as u32).to_le_bytes(), "in order");
+    }
 }

@@ -14,10 +14,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bus_core::frame::{
-    ErrorCode, Frame, HEADER_BYTES, Hello, MAGIC, ModeRequest, Msg, Subscribe, Transport, decode,
+    CreatePublisher, ErrorCode, Frame, HEADER_BYTES, Hello, MAGIC, ModeRequest, Msg, Publish,
+    Subscribe, Transport, decode,
 };
 use bus_core::limits::MAX_FRAME_BYTES;
-use bus_core::sys::scm::{FdBatch, Received, recv_frame, send_frame};
+use bus_core::sys::scm::{FdBatch, Received, recv_frame, send_frame, send_frame_with};
 use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use rustix::process::{Pid, Signal};
@@ -734,6 +735,112 @@ fn oversized_datagram(driver: &str) {
     broker.still_serves();
 }
 
+/// A reliable datagram subscriber that does not read fills the relay: the broker stops reading
+/// the datagram publisher's socket (its non-blocking send gets EAGAIN) instead of refusing
+/// PUBLISHes with `too-slow`, and once the subscriber reads, every message arrives once, in
+/// order, and the publisher is read again.
+fn fallback_backpressure_pauses_the_publisher(driver: &str) {
+    let (_dir, broker) = start(driver);
+    let sub = broker.client();
+    sub.hello();
+    sub.send(&encode(Frame::new(
+        2,
+        Msg::Subscribe(Subscribe {
+            mode: ModeRequest::Reliable,
+            delivery: Transport::Datagram,
+            topic: "bp",
+        }),
+    )));
+    let reply = sub.recv().expect("SUBSCRIBED");
+    assert!(
+        matches!(decode(&reply).unwrap().msg, Msg::Subscribed(_)),
+        "{:?}",
+        decode(&reply)
+    );
+    let publ = broker.client();
+    publ.hello();
+    publ.send(&encode(Frame::new(
+        3,
+        Msg::CreatePublisher(CreatePublisher {
+            ring_data_bytes: 4096,
+            max_message_bytes: 0,
+            mode: ModeRequest::Reliable,
+            transport: Transport::Datagram,
+            topic: "bp",
+        }),
+    )));
+    let reply = publ.recv().expect("RING_GRANTED");
+    let Msg::RingGranted(g) = decode(&reply).unwrap().msg else {
+        panic!("{:?}", decode(&reply))
+    };
+    let publish = |i: u32, flags: SendFlags| {
+        let frame = encode(Frame::new(
+            u64::from(i) + 1,
+            Msg::Publish(Publish {
+                publisher_id: g.publisher_id,
+                payload: &i.to_le_bytes(),
+            }),
+        ));
+        send_frame_with(publ.fd.as_fd(), &frame, &[], flags)
+    };
+    // Publish without blocking until the broker stops reading the publisher: its socket stays
+    // full with nothing to read. (Ring ~40 messages, 64 in flight, 256 waiting, two socket
+    // buffers: a few thousand at most.) A broker that refused PUBLISHes instead would make the
+    // socket readable (an ERROR) before that.
+    let mut sent = 0u32;
+    loop {
+        match publish(sent, SendFlags::DONTWAIT) {
+            Ok(_) => sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                use rustix::event::{PollFd, PollFlags, Timespec, poll};
+                let mut pfd = [PollFd::new(&publ.fd, PollFlags::IN | PollFlags::OUT)];
+                let idle = Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 200_000_000,
+                };
+                if poll(&mut pfd, Some(&idle)).expect("poll") == 0 {
+                    break;
+                }
+                assert!(
+                    !pfd[0].revents().contains(PollFlags::IN),
+                    "the broker replied to a PUBLISH: {:?}",
+                    publ.recv().map(|f| format!("{:?}", decode(&f)))
+                );
+            }
+            Err(e) => panic!("PUBLISH failed: {e}"),
+        }
+        assert!(
+            sent < 200_000,
+            "the broker kept reading a publisher whose relay is full"
+        );
+    }
+    assert!(
+        sent > 256,
+        "the relay holds more than its backlog ({sent} sent)"
+    );
+    // The subscriber reads; the rest is published with blocking sends (the broker resumes).
+    let total = sent + 100;
+    let mut next = 0u32;
+    while next < total {
+        if sent < total && next + 50 > sent {
+            publish(sent, SendFlags::empty()).expect("PUBLISH");
+            sent += 1;
+            continue;
+        }
+        let frame = sub.recv().expect("DELIVER");
+        match decode(&frame).unwrap().msg {
+            Msg::Deliver(d) => {
+                assert_eq!(d.seq, u64::from(next), "in order, none lost");
+                assert_eq!(d.payload, next.to_le_bytes(), "exact payload");
+                next += 1;
+            }
+            other => panic!("expected DELIVER, got {other:?}"),
+        }
+    }
+    publ.ping(7);
+    broker.still_serves();
+}
+
 macro_rules! per_driver {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -762,6 +869,7 @@ per_driver!(
     too_many_fds_truncated,
     subscribe_before_hello,
     oversized_datagram,
+    fallback_backpressure_pauses_the_publisher,
 );
 
 #[test]
