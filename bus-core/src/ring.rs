@@ -726,12 +726,32 @@ impl Writer {
         const YIELD: Duration = Duration::from_millis(2);
         const NAP_MIN: Duration = Duration::from_micros(20);
         const NAP_MAX: Duration = Duration::from_millis(1);
+        // While spinning, wait for room for this record plus an eighth of the ring, and look at
+        // the cursors only every SCAN_EVERY rounds. Every look pulls the readers' cursor lines
+        // to this core, and a reader stores to its own line after every record: a writer that
+        // trailed its reader record by record, rescanning on each, cost a cache-line round
+        // trip per record on both sides (64 B streams ran at 1/20 of the raw ring). With the
+        // margin, the writer then runs an eighth of a ring ahead on `cached_min` alone. Past
+        // the spin phase, and for the last look before a timeout, room for the record is
+        // enough, so the margin never makes a loan fail or wait longer than the reader's pace.
+        const SCAN_EVERY: u32 = 8;
+        let margin = (record_bytes(len) as u64 + self.cfg.data_bytes / 8).min(self.cfg.data_bytes);
         let start = Instant::now();
+        let mut spinning = true;
         let mut round: u32 = 0;
         loop {
-            match self.reserve(len) {
-                Err(LoanError::WouldBlock) => {}
-                other => return other,
+            if spinning {
+                if round.is_multiple_of(SCAN_EVERY) {
+                    self.cached_min = self.scan_min();
+                    if self.next_pos + margin - self.cached_min <= self.cfg.data_bytes {
+                        return self.reserve(len);
+                    }
+                }
+            } else {
+                match self.reserve(len) {
+                    Err(LoanError::WouldBlock) => {}
+                    other => return other,
+                }
             }
             round = round.wrapping_add(1);
             if !round.is_multiple_of(SPIN_CHECK) {
@@ -742,8 +762,12 @@ impl Writer {
             if let Some(t) = timeout
                 && waited >= t
             {
-                return Err(LoanError::TimedOut(t));
+                return match self.reserve(len) {
+                    Err(LoanError::WouldBlock) => Err(LoanError::TimedOut(t)),
+                    other => other,
+                };
             }
+            spinning = waited < SPIN;
             if waited < SPIN {
                 core::hint::spin_loop();
             } else if waited < YIELD {

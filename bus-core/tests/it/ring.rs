@@ -161,6 +161,36 @@ fn reliable_writer_never_overwrites_unreleased_records() {
 }
 
 #[test]
+fn waiting_loan_takes_one_freed_record_and_times_out_only_when_none_is() {
+    // The writer waits for a margin of free space while it spins, but a loan must still succeed
+    // when its reader frees room for just this record, however short its timeout.
+    let mut f = fixture(Mode::Reliable, 4096, true);
+    while publish(&mut f.writer, 100).is_ok() {}
+    drop(f.reader.try_recv().unwrap().unwrap());
+    for timeout in [
+        Duration::ZERO,
+        Duration::from_micros(10),
+        Duration::from_millis(20),
+    ] {
+        // A loan dropped without commit publishes nothing: the room stays free for the next.
+        let loan = f
+            .writer
+            .loan(100, Some(timeout))
+            .unwrap_or_else(|e| panic!("one record of room, timeout {timeout:?}: {e}"));
+        assert_eq!(loan.len(), 100);
+    }
+    // Waiting forever: the record's room is enough once the spin phase is over.
+    let seq = f.writer.next_seq();
+    let mut loan = f.writer.loan(100, None).expect("room for one record");
+    fill(&mut loan, seq);
+    loan.commit();
+    assert_eq!(
+        f.writer.loan(100, Some(Duration::from_millis(1))).err(),
+        Some(LoanError::TimedOut(Duration::from_millis(1)))
+    );
+}
+
+#[test]
 fn dropped_loan_publishes_nothing_and_too_large_is_refused() {
     let mut f = fixture(Mode::Reliable, 4096, true);
     {
