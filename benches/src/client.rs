@@ -27,8 +27,8 @@ use bus_core::wake::WaitStrategy;
 
 use crate::broker::Broker;
 use crate::case::{Case, CaseResult, Figure, Group, Kind, Limit, Metric, Params, Pinning, Ratio};
-use crate::checksum::{pattern_byte, pattern_sum, sum};
-use crate::measure::{check_sum, new_histogram, pingpong};
+use crate::checksum::{pattern_byte, sum};
+use crate::measure::{Tally, new_histogram, pingpong};
 use crate::peer::{Peer, PeerCtx};
 
 const PING: &str = "bench.ping";
@@ -123,7 +123,7 @@ fn run(p: &Params) -> Result<CaseResult> {
 
     let size = p.size;
     let mut own = new_histogram();
-    let (mut sent, mut got, mut expected) = (0u64, 0u64, 0u64);
+    let mut tally = Tally::default();
     let last = p.warmup + p.samples - 1;
     let (mut allocs_start, mut allocs_end) = (None, None);
     let h = pingpong(p, |i| {
@@ -132,23 +132,22 @@ fn run(p: &Params) -> Result<CaseResult> {
         }
         let byte = pattern_byte(i, PING_SALT);
         me.send(size, byte)?;
-        sent = sent.wrapping_add(pattern_sum(byte, size));
+        tally.sent(byte, size);
         let (s, ts) = me.recv()?;
         own.saturating_record(
             bus_core::sys::clock::monotonic_ns()
                 .saturating_sub(ts)
                 .max(1),
         );
-        got = got.wrapping_add(s);
-        expected = expected.wrapping_add(pattern_sum(pattern_byte(i, PONG_SALT), size));
+        tally.got(s);
+        tally.expect(pattern_byte(i, PONG_SALT), size);
         if i == last {
             allocs_end = crate::alloc_count::allocations();
         }
         Ok(())
     })?;
     let done = peer.finish()?;
-    check_sum(p, "pong", got, expected)?;
-    check_sum(p, "ping (read by peer)", done.checksum, sent)?;
+    tally.check(p, done.checksum)?;
     drop(me);
     drop(broker);
     let mut result = CaseResult::latency(h);

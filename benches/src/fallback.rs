@@ -26,7 +26,7 @@ use bus_core::sys::clock::monotonic_ns;
 use crate::broker::{Broker, Client, connect};
 use crate::case::{Case, CaseResult, Group, Kind, Metric, Params, Pinning, Ratio};
 use crate::checksum::{pattern_byte, pattern_sum, sum};
-use crate::measure::{check_sum, pingpong, stream_result};
+use crate::measure::{Tally, pingpong, stream_result};
 use crate::peer::{Peer, PeerCtx};
 
 const PING_SALT: u8 = 0x3c;
@@ -121,23 +121,22 @@ fn pingpong_run(p: &Params) -> Result<CaseResult> {
     drop(theirs);
     peer.wait_ready()?;
     let mut frame = PublishFrame::new(pid, p.size)?;
-    let (mut sent, mut got, mut expected) = (0u64, 0u64, 0u64);
+    let mut tally = Tally::default();
     let h = pingpong(p, |i| {
         let byte = pattern_byte(i, PING_SALT);
         frame.send(&me, 0, byte)?;
-        sent = sent.wrapping_add(pattern_sum(byte, p.size));
+        tally.sent(byte, p.size);
         let (s, len, lost) = recv_deliver(&mut me)?;
         ensure!(
             len == p.size && lost == 0,
             "pong of {len} bytes, {lost} lost"
         );
-        got = got.wrapping_add(s);
-        expected = expected.wrapping_add(pattern_sum(pattern_byte(i, PONG_SALT), p.size));
+        tally.got(s);
+        tally.expect(pattern_byte(i, PONG_SALT), p.size);
         Ok(())
     })?;
     let done = peer.finish()?;
-    check_sum(p, "pong", got, expected)?;
-    check_sum(p, "ping (read by peer)", done.checksum, sent)?;
+    tally.check(p, done.checksum)?;
     drop(broker);
     Ok(CaseResult::latency(h))
 }

@@ -45,7 +45,7 @@ use bus_core::wake::{WakeReceiver, WakeSender, pair, protocol};
 
 use crate::case::{Case, CaseResult, Group, Kind, Metric, Params, Pinning, Ratio, Throughput};
 use crate::checksum::{pattern_byte, pattern_sum, sum};
-use crate::measure::{check_sum, pingpong};
+use crate::measure::{Tally, pingpong};
 use crate::membus::{PARENT_SUB, PEER_SUB, PeerRings};
 use crate::peer::{Peer, PeerCtx};
 use crate::shm::Region;
@@ -322,18 +322,17 @@ fn idle_run(p: &Params, idle: usize) -> Result<CaseResult> {
         Some((own_page.clone(), 0)),
         StartAt::Beginning,
     )?;
-    let (mut sent, mut got, mut expected) = (0u64, 0u64, 0u64);
+    let mut tally = Tally::default();
     let h = pingpong(p, |i| {
         let byte = pattern_byte(i, PING_SALT);
         send(&mut ping, size, byte)?;
-        sent = sent.wrapping_add(pattern_sum(byte, size));
-        got = got.wrapping_add(recv(&mut pong)?);
-        expected = expected.wrapping_add(pattern_sum(pattern_byte(i, PONG_SALT), size));
+        tally.sent(byte, size);
+        tally.got(recv(&mut pong)?);
+        tally.expect(pattern_byte(i, PONG_SALT), size);
         Ok(())
     })?;
     let done = peer.finish()?;
-    check_sum(p, "pong", got, expected)?;
-    check_sum(p, "ping (read by peer)", done.checksum, sent)?;
+    tally.check(p, done.checksum)?;
     let readers = ping.reader_count();
     // Closing wakes every linked subscriber: the idle ones exit.
     ping.close();

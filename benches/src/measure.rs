@@ -6,6 +6,7 @@ use bus_core::sys::clock::monotonic_ns;
 use hdrhistogram::Histogram;
 
 use crate::case::{Params, Throughput};
+use crate::checksum::pattern_sum;
 use crate::peer::Done;
 
 /// Largest latency a histogram tracks: 60 s in ns (larger values are clamped, never dropped).
@@ -91,6 +92,43 @@ pub fn check_sum(p: &Params, what: &str, got: u64, expected: u64) -> Result<()> 
     Ok(())
 }
 
+/// The checksums of a ping-pong's parent side: what it sent, what it received and what it
+/// should have received. [`Tally::check`] compares them, and the pings with the peer's DONE
+/// checksum, so a torn or skipped payload fails the case instead of producing a number.
+#[derive(Debug, Default)]
+pub struct Tally {
+    sent: u64,
+    got: u64,
+    expected: u64,
+}
+
+impl Tally {
+    /// Counts a sent message of `len` bytes, every one `byte`.
+    #[inline]
+    pub fn sent(&mut self, byte: u8, len: usize) {
+        self.sent = self.sent.wrapping_add(pattern_sum(byte, len));
+    }
+
+    /// Counts the checksum of a received message.
+    #[inline]
+    pub fn got(&mut self, sum: u64) {
+        self.got = self.got.wrapping_add(sum);
+    }
+
+    /// Counts what a received message of `len` bytes of `byte` sums to.
+    #[inline]
+    pub fn expect(&mut self, byte: u8, len: usize) {
+        self.expected = self.expected.wrapping_add(pattern_sum(byte, len));
+    }
+
+    /// Fails if the pongs received, or the pings the peer read (`peer_checksum`), differ from
+    /// what was sent.
+    pub fn check(&self, p: &Params, peer_checksum: u64) -> Result<()> {
+        check_sum(p, "pong", self.got, self.expected)?;
+        check_sum(p, "ping (read by peer)", peer_checksum, self.sent)
+    }
+}
+
 /// A zeroed heap buffer of `len` bytes starting on a 4 KiB boundary. Socket cases receive into
 /// and send from these, so that the kernel's copies see the same page offsets on every run
 /// (glibc and kernel `rep movsb` copies are much slower for some source/destination offsets;
@@ -124,5 +162,35 @@ impl std::ops::Deref for PageBuf {
 impl std::ops::DerefMut for PageBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
+#[cfg(test)]
+mod tally_tests {
+    use super::*;
+
+    fn params() -> Params {
+        let case = crate::find_case("cacheline-pingpong").expect("a raw case");
+        Params::new(&case, &crate::case::Options::new().expect("options"))
+    }
+
+    #[test]
+    fn tally_accepts_what_was_sent_and_refuses_a_torn_payload() {
+        let p = params();
+        let mut t = Tally::default();
+        t.sent(7, 64);
+        t.got(crate::checksum::pattern_sum(9, 64));
+        t.expect(9, 64);
+        t.check(&p, crate::checksum::pattern_sum(7, 64))
+            .expect("matching sums");
+        assert!(
+            t.check(&p, crate::checksum::pattern_sum(8, 64)).is_err(),
+            "ping torn"
+        );
+        t.got(1);
+        assert!(
+            t.check(&p, crate::checksum::pattern_sum(7, 64)).is_err(),
+            "pong torn"
+        );
     }
 }

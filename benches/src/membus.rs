@@ -27,8 +27,8 @@ use bus_core::sys::clock::monotonic_ns;
 use bus_core::wake::{WakeReceiver, WakeSender, pair, protocol};
 
 use crate::case::{Case, CaseResult, Group, Kind, Metric, Params, Pinning, Ratio};
-use crate::checksum::{pattern_byte, pattern_sum, sum};
-use crate::measure::{check_sum, new_histogram, pingpong};
+use crate::checksum::{pattern_byte, sum};
+use crate::measure::{Tally, new_histogram, pingpong};
 use crate::peer::{Peer, PeerCtx};
 
 const PING_SALT: u8 = 0x3c;
@@ -158,21 +158,20 @@ fn run(p: &Params, wait: Wait) -> Result<CaseResult> {
     let pong_wake = pong_wake_rx;
 
     let mut own = new_histogram();
-    let (mut sent, mut got, mut expected) = (0u64, 0u64, 0u64);
+    let mut tally = Tally::default();
     let h = pingpong(p, |i| {
         let byte = pattern_byte(i, PING_SALT);
         send(&mut ping, size, byte)?;
-        sent = sent.wrapping_add(pattern_sum(byte, size));
+        tally.sent(byte, size);
         let (s, ts) = recv(&mut pong, wait, &own_page, &pong_wake)?;
         let now = monotonic_ns();
         own.saturating_record(now.saturating_sub(ts).max(1));
-        got = got.wrapping_add(s);
-        expected = expected.wrapping_add(pattern_sum(pattern_byte(i, PONG_SALT), size));
+        tally.got(s);
+        tally.expect(pattern_byte(i, PONG_SALT), size);
         Ok(())
     })?;
     let done = peer.finish()?;
-    check_sum(p, "pong", got, expected)?;
-    check_sum(p, "ping (read by peer)", done.checksum, sent)?;
+    tally.check(p, done.checksum)?;
     let mut result = CaseResult::latency(h);
     result
         .extra

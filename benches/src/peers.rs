@@ -166,8 +166,8 @@ mod iceoryx2_cases {
     use iceoryx2::prelude::*;
 
     use crate::case::{Case, CaseResult, Group, Kind, Params, Pinning};
-    use crate::checksum::{pattern_byte, pattern_sum, sum};
-    use crate::measure::{check_sum, pingpong};
+    use crate::checksum::{pattern_byte, sum};
+    use crate::measure::{Tally, pingpong};
     use crate::peer::{Peer, PeerCtx};
 
     const PING_SALT: u8 = 0x3c;
@@ -358,18 +358,17 @@ mod iceoryx2_cases {
         let mut peer = Peer::spawn(p, &[])?;
         peer.wait_ready()?;
 
-        let (mut sent, mut got, mut expected) = (0u64, 0u64, 0u64);
+        let mut tally = Tally::default();
         let h = pingpong(p, |i| {
             let byte = pattern_byte(i, PING_SALT);
             send(&ends, size, byte)?;
-            sent = sent.wrapping_add(pattern_sum(byte, size));
-            got = got.wrapping_add(recv(&ends)?);
-            expected = expected.wrapping_add(pattern_sum(pattern_byte(i, PONG_SALT), size));
+            tally.sent(byte, size);
+            tally.got(recv(&ends)?);
+            tally.expect(pattern_byte(i, PONG_SALT), size);
             Ok(())
         })?;
         let done = peer.finish()?;
-        check_sum(p, "pong", got, expected)?;
-        check_sum(p, "ping (read by peer)", done.checksum, sent)?;
+        tally.check(p, done.checksum)?;
         if let Some(idle) = idlers {
             // Its subscribers saw the end of the publisher; it reports how many it held.
             drop(ends);
@@ -503,8 +502,8 @@ mod zmq_cases {
     use anyhow::{Context, Result, anyhow};
 
     use crate::case::{Case, CaseResult, Group, Kind, Params, Pinning};
-    use crate::checksum::{pattern_byte, pattern_sum, sum};
-    use crate::measure::{check_sum, pingpong};
+    use crate::checksum::{pattern_byte, sum};
+    use crate::measure::{Tally, pingpong};
     use crate::peer::{Peer, PeerCtx};
 
     const PING_SALT: u8 = 0x3c;
@@ -573,20 +572,19 @@ mod zmq_cases {
         let mut peer = Peer::spawn(p, &[])?;
         peer.wait_ready()?;
         let size = p.size;
-        let (mut sent, mut got, mut expected) = (0u64, 0u64, 0u64);
+        let mut tally = Tally::default();
         let h = pingpong(p, |i| {
             let byte = pattern_byte(i, PING_SALT);
             me.send(size, byte)?;
-            sent = sent.wrapping_add(pattern_sum(byte, size));
-            got = got.wrapping_add(me.recv()?);
-            expected = expected.wrapping_add(pattern_sum(pattern_byte(i, PONG_SALT), size));
+            tally.sent(byte, size);
+            tally.got(me.recv()?);
+            tally.expect(pattern_byte(i, PONG_SALT), size);
             Ok(())
         });
         let _ = std::fs::remove_file(ep.trim_start_matches("ipc://"));
         let h = h?;
         let done = peer.finish()?;
-        check_sum(p, "pong", got, expected)?;
-        check_sum(p, "ping (read by peer)", done.checksum, sent)?;
+        tally.check(p, done.checksum)?;
         Ok(CaseResult::latency(h))
     }
 

@@ -28,8 +28,8 @@ use rustix::event::{EventfdFlags, eventfd};
 use rustix::thread::futex;
 
 use crate::case::{CaseResult, Params};
-use crate::checksum::{pattern_byte, pattern_sum};
-use crate::measure::{check_sum, pingpong, spin_until};
+use crate::checksum::pattern_byte;
+use crate::measure::{Tally, pingpong, spin_until};
 use crate::peer::{Peer, PeerCtx};
 use crate::shm::{PAD, Region, padded};
 
@@ -179,21 +179,20 @@ pub fn run(p: &Params, wait: Wait) -> Result<CaseResult> {
     };
     peer.wait_ready()?;
 
-    let (mut sent, mut got, mut expected) = (0u64, 0u64, 0u64);
+    let mut tally = Tally::default();
     let h = pingpong(p, |i| {
         let byte = pattern_byte(i, PING_SALT);
         region.fill(ping_d.payload, ping_d.len, byte);
-        sent = sent.wrapping_add(pattern_sum(byte, ping_d.len));
+        tally.sent(byte, ping_d.len);
         let n = (i as u32).wrapping_add(1);
         ping.signal(n)?;
         pong.wait_for(n)?;
-        got = got.wrapping_add(region.sum(pong_d.payload, pong_d.len));
-        expected = expected.wrapping_add(pattern_sum(pattern_byte(i, PONG_SALT), pong_d.len));
+        tally.got(region.sum(pong_d.payload, pong_d.len));
+        tally.expect(pattern_byte(i, PONG_SALT), pong_d.len);
         Ok(())
     })?;
     let done = peer.finish()?;
-    check_sum(p, "pong", got, expected)?;
-    check_sum(p, "ping (read by peer)", done.checksum, sent)?;
+    tally.check(p, done.checksum)?;
     Ok(CaseResult::latency(h))
 }
 

@@ -13,7 +13,7 @@ use rustix::net::{
 
 use crate::case::{CaseResult, Params};
 use crate::checksum::{pattern_byte, pattern_sum, sum};
-use crate::measure::{PageBuf, check_sum, pingpong, stream_result};
+use crate::measure::{PageBuf, Tally, pingpong, stream_result};
 use crate::peer::{Peer, PeerCtx};
 
 const PING_SALT: u8 = 0x3c;
@@ -118,20 +118,19 @@ pub(crate) fn pingpong_with(
     peer.wait_ready()?;
     let mut out = PageBuf::new(p.size);
     let mut inb = PageBuf::new(p.size);
-    let (mut sent, mut got, mut expected) = (0u64, 0u64, 0u64);
+    let mut tally = Tally::default();
     let h = pingpong(p, |i| {
         let byte = pattern_byte(i, PING_SALT);
         out.fill(byte);
-        sent = sent.wrapping_add(pattern_sum(byte, out.len()));
+        tally.sent(byte, out.len());
         send_msg(ours.as_fd(), ty, &out)?;
         recv(ours.as_fd(), &mut inb)?;
-        got = got.wrapping_add(sum(&inb));
-        expected = expected.wrapping_add(pattern_sum(pattern_byte(i, PONG_SALT), inb.len()));
+        tally.got(sum(&inb));
+        tally.expect(pattern_byte(i, PONG_SALT), inb.len());
         Ok(())
     })?;
     let done = peer.finish()?;
-    check_sum(p, "pong", got, expected)?;
-    check_sum(p, "ping (read by peer)", done.checksum, sent)?;
+    tally.check(p, done.checksum)?;
     Ok(CaseResult::latency(h))
 }
 
