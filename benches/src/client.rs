@@ -28,7 +28,7 @@ use bus_core::wake::WaitStrategy;
 use crate::broker::Broker;
 use crate::case::{Case, CaseResult, Figure, Group, Kind, Limit, Metric, Params, Pinning, Ratio};
 use crate::checksum::{pattern_byte, sum};
-use crate::measure::{Tally, new_histogram, pingpong};
+use crate::measure::{Tally, new_histogram, own_one_way, pingpong};
 use crate::peer::{Peer, PeerCtx};
 
 const PING: &str = "bench.ping";
@@ -151,12 +151,7 @@ fn run(p: &Params) -> Result<CaseResult> {
     drop(me);
     drop(broker);
     let mut result = CaseResult::latency(h);
-    result
-        .extra
-        .push(("own_one_way_p50_ns", own.value_at_quantile(0.5) as f64));
-    result
-        .extra
-        .push(("own_one_way_p99_ns", own.value_at_quantile(0.99) as f64));
+    result.extra.extend(own_one_way(&own));
     if let (Some(a), Some(b)) = (allocs_start, allocs_end) {
         // The parent's whole process (its control thread too) over the recorded round trips:
         // one publish and one receive each.

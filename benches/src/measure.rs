@@ -46,6 +46,15 @@ pub fn pingpong(
     Ok(h)
 }
 
+/// The extras of a case that also records the product's own one-way figure (publish timestamp
+/// in the record header -> receive) into `own`: its p50 and p99 in ns.
+pub fn own_one_way(own: &Histogram<u64>) -> [(&'static str, f64); 2] {
+    [
+        ("own_one_way_p50_ns", own.value_at_quantile(0.5) as f64),
+        ("own_one_way_p99_ns", own.value_at_quantile(0.99) as f64),
+    ]
+}
+
 /// Busy-waits (with the CPU's spin hint) until `ready()` is true.
 #[inline]
 pub fn spin_until(mut ready: impl FnMut() -> bool) {

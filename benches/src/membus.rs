@@ -28,7 +28,7 @@ use bus_core::wake::{WakeReceiver, WakeSender, pair, protocol};
 
 use crate::case::{Case, CaseResult, Group, Kind, Metric, Params, Pinning, Ratio};
 use crate::checksum::{pattern_byte, sum};
-use crate::measure::{Tally, new_histogram, pingpong};
+use crate::measure::{Tally, new_histogram, own_one_way, pingpong};
 use crate::peer::{Peer, PeerCtx};
 
 const PING_SALT: u8 = 0x3c;
@@ -173,12 +173,7 @@ fn run(p: &Params, wait: Wait) -> Result<CaseResult> {
     let done = peer.finish()?;
     tally.check(p, done.checksum)?;
     let mut result = CaseResult::latency(h);
-    result
-        .extra
-        .push(("own_one_way_p50_ns", own.value_at_quantile(0.5) as f64));
-    result
-        .extra
-        .push(("own_one_way_p99_ns", own.value_at_quantile(0.99) as f64));
+    result.extra.extend(own_one_way(&own));
     result
         .extra
         .push(("wakes_sent", ping.stats().wakes_sent as f64));
