@@ -387,6 +387,23 @@ pub struct Ratio {
     pub target: Option<&'static str>,
 }
 
+impl Ratio {
+    /// `numerator / denominator` of `metric`, judged against `target` if given.
+    pub const fn new(
+        numerator: &'static str,
+        denominator: &'static str,
+        metric: Metric,
+        target: Option<&'static str>,
+    ) -> Ratio {
+        Ratio {
+            numerator,
+            denominator,
+            metric,
+            target,
+        }
+    }
+}
+
 /// How a figure compares with its target, for the report's "verdict" column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {

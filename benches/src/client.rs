@@ -233,12 +233,7 @@ pub fn cases() -> Vec<Case> {
 /// Client-level ratios: the library's own cost over the data plane, and the targets of
 /// PERFORMANCE.md section 3 held by the user-facing figures.
 pub fn ratios() -> Vec<Ratio> {
-    let r = |numerator, denominator, metric, target| Ratio {
-        numerator,
-        denominator,
-        metric,
-        target,
-    };
+    let r = Ratio::new;
     vec![
         r(
             "membus-client-pingpong-64",

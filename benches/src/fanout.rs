@@ -469,12 +469,7 @@ pub fn cases() -> Vec<Case> {
 /// Fan-out ratios (PERFORMANCE.md section 3). Publish cost is the inverse of the publisher's
 /// msg/s, so "cost 16 / cost 1 <= 1.2" is "msg/s 1 / msg/s 16 <= 1.2".
 pub fn ratios() -> Vec<Ratio> {
-    let r = |numerator, denominator, metric, target| Ratio {
-        numerator,
-        denominator,
-        metric,
-        target,
-    };
+    let r = Ratio::new;
     vec![
         r(
             "membus-fanout-1",

@@ -71,12 +71,7 @@ pub fn cases_named() -> &'static [&'static str] {
 /// them without a target. They are always listed; without the `peers` feature the report marks
 /// them as not built.
 pub fn ratios() -> Vec<Ratio> {
-    let r = |numerator, denominator, metric, target| Ratio {
-        numerator,
-        denominator,
-        metric,
-        target,
-    };
+    let r = Ratio::new;
     vec![
         r(
             "membus-client-pingpong-8",

@@ -159,11 +159,8 @@ pub fn cases() -> Vec<Case> {
 
 /// Throughput ratios (PERFORMANCE.md section 3).
 pub fn ratios() -> Vec<Ratio> {
-    let r = |numerator, denominator, metric, target| Ratio {
-        numerator,
-        denominator,
-        metric,
-        target: Some(target),
+    let r = |numerator, denominator, metric, target| {
+        Ratio::new(numerator, denominator, metric, Some(target))
     };
     vec![
         r(

@@ -213,12 +213,7 @@ pub fn cases() -> Vec<Case> {
 
 /// Ratios among the raw cases worth watching (the membus targets go in their own list).
 pub fn ratios() -> Vec<Ratio> {
-    let r = |numerator, denominator, metric| Ratio {
-        numerator,
-        denominator,
-        metric,
-        target: None,
-    };
+    let r = |numerator, denominator, metric| Ratio::new(numerator, denominator, metric, None);
     vec![
         r(
             "cacheline-pingpong-unpinned",
