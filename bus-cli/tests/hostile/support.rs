@@ -1,0 +1,488 @@
+//! Broker processes (`bus broker`), `bus pub`/`bus sub` children, polling waits, CPU and fd
+//! probes, a seeded RNG.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal};
+
+/// The `bus` binary.
+pub const BUS: &str = env!("CARGO_BIN_EXE_bus");
+
+/// How long anything may take before a test fails (generous: CI machines are shared).
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `cond` until it holds or [`DEADLINE`] passes.
+#[track_caller]
+pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_until_for(what, DEADLINE, cond)
+}
+
+/// Polls `cond` until it holds or `limit` passes.
+#[track_caller]
+pub fn wait_until_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    while !cond() {
+        assert!(
+            Instant::now() < end,
+            "timed out ({limit:?}) waiting until {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Lets this process open many fds (hogs keep the fds the broker sends them).
+pub fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let Some(max) = limit.maximum {
+        let want = max.min(65536);
+        if limit.current.is_none_or(|c| c < want) {
+            limit.current = Some(want);
+            let _ = setrlimit(Resource::Nofile, limit);
+        }
+    }
+}
+
+/// A small deterministic RNG (splitmix64); the seed is printed so a failure can be replayed
+/// with `HOSTILE_SEED=...`.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// From `HOSTILE_SEED` if set, else from the clock; prints the seed with `what`.
+    pub fn seeded(what: &str) -> Rng {
+        let seed = std::env::var("HOSTILE_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    ^ u64::from(std::process::id()) << 32
+            });
+        eprintln!("{what}: HOSTILE_SEED={seed}");
+        Rng(seed)
+    }
+
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix(self.0)
+    }
+
+    /// Uniform in `lo..hi` (`hi > lo`).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// splitmix64's finaliser: a good 64-bit hash.
+pub fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The payload message `i` of publisher `who` carries in the counting scenarios: its length
+/// is a hash of (`seed`, `who`, `i`) below `max_len`, its bytes a pattern of `i` and the
+/// offset, so the receiver can check every byte knowing only who sent it and the sequence.
+pub fn payload(seed: u64, who: u64, i: u64, max_len: usize) -> Vec<u8> {
+    let len = (mix(seed ^ (who << 40) ^ i) % max_len as u64) as usize;
+    (0..len)
+        .map(|j| {
+            (i as usize)
+                .wrapping_mul(31)
+                .wrapping_add(j)
+                .wrapping_add(who as usize) as u8
+        })
+        .collect()
+}
+
+/// Config-file text for a broker.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    pub text: String,
+}
+
+impl Config {
+    pub fn new() -> Config {
+        Config::default()
+    }
+    /// A line under `[limits]` (collected, written in one table).
+    pub fn limits(mut self, line: &str) -> Config {
+        if !self.text.contains("[limits]\n") {
+            // [limits] must come before any [[topic]] table.
+            self.text = format!("[limits]\n{}", self.text);
+        }
+        let at = self.text.find("[limits]\n").unwrap() + "[limits]\n".len();
+        self.text.insert_str(at, &format!("{line}\n"));
+        self
+    }
+    /// A `[[topic]]` table.
+    pub fn topic(mut self, body: &str) -> Config {
+        self.text.push_str(&format!("[[topic]]\n{body}\n"));
+        self
+    }
+}
+
+/// A running `bus broker`. Killed on drop if still running.
+pub struct Broker {
+    pub child: Child,
+    pub pid: u32,
+    pub socket: PathBuf,
+    pub stderr: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+/// A broker that refused to start.
+pub struct Refused {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+/// How to start a broker.
+#[derive(Clone, Debug, Default)]
+pub struct Start {
+    pub config: Option<Config>,
+    /// RLIMIT_NOFILE soft = hard for the broker process.
+    pub nofile: Option<u64>,
+}
+
+impl Start {
+    pub fn new() -> Start {
+        Start::default()
+    }
+    pub fn config(mut self, c: Config) -> Start {
+        self.config = Some(c);
+        self
+    }
+    pub fn nofile(mut self, n: u64) -> Start {
+        self.nofile = Some(n);
+        self
+    }
+
+    pub fn try_run(self, driver: &str) -> Result<Broker, Refused> {
+        raise_fd_limit();
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("bus.sock");
+        let stderr = dir.path().join(format!("broker-{n}.stderr"));
+        let mut cmd = match self.nofile {
+            // prlimit execs the broker: the pid is the broker's.
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(BUS);
+                c
+            }
+            None => Command::new(BUS),
+        };
+        cmd.arg("broker").arg("--socket").arg(&socket);
+        if let Some(cfg) = &self.config {
+            let path = dir.path().join("broker.toml");
+            std::fs::write(&path, &cfg.text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd
+            .env("MEMBUS_DRIVER", driver)
+            .env("MEMBUS_LOG", "info")
+            .env_remove("MEMBUS_SOCKET")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn bus broker");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(DEADLINE)
+            .expect("broker printed nothing in time");
+        if line.is_empty() {
+            let status = child.wait().unwrap();
+            return Err(Refused {
+                status,
+                stderr: std::fs::read_to_string(&stderr).unwrap_or_default(),
+            });
+        }
+        let pid = child.id();
+        Ok(Broker {
+            child,
+            pid,
+            socket,
+            stderr,
+            dir,
+        })
+    }
+
+    #[track_caller]
+    pub fn run(self, driver: &str) -> Broker {
+        self.try_run(driver)
+            .unwrap_or_else(|r| panic!("broker did not start ({}): {}", r.status, r.stderr))
+    }
+}
+
+impl Broker {
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .expect("broker's /proc/PID/fd")
+            .count()
+    }
+
+    /// The fd count once it stops changing.
+    pub fn settled_fds(&self) -> usize {
+        let mut last = self.open_fds();
+        let mut stable = 0;
+        wait_until("the broker's fd count settles", || {
+            let now = self.open_fds();
+            if now == last {
+                stable += 1;
+            } else {
+                stable = 0;
+                last = now;
+            }
+            stable >= 5
+        });
+        last
+    }
+
+    pub fn expect_fds(&self, baseline: usize, after: &str) {
+        let mut now;
+        let end = Instant::now() + DEADLINE;
+        loop {
+            now = self.open_fds();
+            if now == baseline || Instant::now() > end {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            now, baseline,
+            "the broker's fd count returns to its baseline after {after}"
+        );
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        rustix::process::kill_process(Pid::from_raw(self.pid as i32).unwrap(), sig).unwrap();
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut status = None;
+        wait_until("the broker exits", || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn bus(&self) -> Command {
+        let mut c = Command::new(BUS);
+        c.env("MEMBUS_SOCKET", &self.socket)
+            .env_remove("MEMBUS_LOG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn connect(&self) -> bus_client::Bus {
+        bus_client::Bus::connect(&self.socket).expect("bus-client connects")
+    }
+
+    pub fn connect_datagram(&self) -> bus_client::Bus {
+        bus_client::Bus::connect_with(
+            &self.socket,
+            bus_client::BusOptions::new().transport(bus_client::Transport::Datagram),
+        )
+        .expect("bus-client connects (datagram)")
+    }
+
+    /// CPU used by the broker over a window (fraction of one core).
+    pub fn cpu_over(&self, window: Duration) -> f64 {
+        cpu_over(self.pid, window)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // The command may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts with field 3 (state); utime is field 14, stime 15.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Fraction of one core `pid` used over `window` (a spin detector, not a speed measure).
+pub fn cpu_over(pid: u32, window: Duration) -> f64 {
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    let t0 = Instant::now();
+    let c0 = cpu_ticks(pid);
+    std::thread::sleep(window);
+    let c1 = cpu_ticks(pid);
+    let wall = t0.elapsed().as_secs_f64();
+    (c1 - c0) as f64 / hz / wall
+}
+
+/// A child process (`bus sub`, ...) whose stdout lines are collected by a thread.
+pub struct Proc {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+    pub what: String,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, what: &str) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(format!("stderr: {line}"));
+            }
+        });
+        Proc {
+            child,
+            lines,
+            what: what.to_owned(),
+        }
+    }
+
+    /// Stdout lines so far (stderr lines start with "stderr: ").
+    pub fn stdout(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| !l.starts_with("stderr: "))
+            .cloned()
+            .collect()
+    }
+
+    pub fn all_output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut status = None;
+        let what = format!("{} exits", self.what);
+        wait_until(&what, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `bus sub TOPIC --format json ...` against `broker`.
+pub fn bus_sub(broker: &Broker, topic: &str, extra: &[&str]) -> Proc {
+    let mut cmd = broker.bus();
+    cmd.args(["sub", topic, "--format", "json"]).args(extra);
+    Proc::spawn(cmd, &format!("bus sub {topic}"))
+}
+
+/// Parses `bus sub --format json` lines.
+pub fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.is_object() && v.get("seq").is_some())
+        .collect()
+}
+
+/// The broker's stats document, via `bus stat --json`.
+pub fn stat_json(broker: &Broker) -> serde_json::Value {
+    let out = broker.bus().args(["stat", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "bus stat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bus stat --json prints JSON")
+}
+
+/// The topic named `name` in a stats document.
+pub fn topic_of<'a>(doc: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    doc["topics"].as_array()?.iter().find(|t| t["name"] == name)
+}
+
+/// The number of live (ready) subscribers of `name`.
+pub fn ready_subscribers(broker: &Broker, name: &str) -> usize {
+    let doc = stat_json(broker);
+    topic_of(&doc, name).map_or(0, |t| {
+        t["subscribers"]
+            .as_array()
+            .map_or(0, |s| s.iter().filter(|s| s["ready"] == true).count())
+    })
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
