@@ -40,7 +40,7 @@
 
 use core::mem::offset_of;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use crate::layout::{
@@ -51,6 +51,7 @@ use crate::layout::{
     max_message_bytes_for, record_bytes,
 };
 use crate::segment::{Access, Mapping, RingMapping};
+use crate::sync::SharedWord;
 use crate::sys::clock::StampClock;
 use crate::wake::{WakeOutcome, WakeSender, protocol};
 
@@ -193,8 +194,17 @@ pub enum Corruption {
         /// Found.
         found: u64,
     },
-    /// The writer's `next_pos` is misaligned, behind the reader, or beyond the claim.
+    /// The writer's `next_pos` is misaligned, behind or at the position of a reader it lapped
+    /// (a resync would not move), or beyond the claim; or a record ends past `u64::MAX`.
     BadNextPosition(u64),
+    /// The writer's claim runs further past its `next_pos` than a writer can raise it (more
+    /// than `data_bytes`): it says bytes were overwritten that no record could have reached.
+    ClaimBeyondNextPosition {
+        /// The claim found.
+        claim: u64,
+        /// The `next_pos` found after it.
+        next_pos: u64,
+    },
 }
 
 /// Error from [`Reader::try_recv`].
@@ -227,17 +237,19 @@ pub struct WriterStats {
     pub wakes_sent: u64,
 }
 
-/// Returns `&AtomicU64` at `base + off`.
+/// Returns `&AtomicU64` at `base + off`, for memory this process may write: its own ring (the
+/// writer) or its own cursor page (the subscriber).
 ///
 /// # Safety
-/// `base + off` must be 8-aligned, inside a live mapping of at least `off + 8` bytes that
-/// outlives `'a`, and only ever accessed atomically by membus processes.
+/// `base + off` must be 8-aligned, inside a live read-write mapping of at least `off + 8` bytes
+/// that outlives `'a`, and only ever accessed atomically by membus processes.
 #[inline(always)]
 unsafe fn atomic_u64<'a>(base: *const u8, off: usize) -> &'a AtomicU64 {
     debug_assert!((base as usize + off).is_multiple_of(8));
-    // SAFETY: the caller guarantees alignment, bounds and lifetime; AtomicU64 has the same
-    // layout as u64 and permits shared mutation, so a reference to peer-written memory is sound.
-    unsafe { &*(base.add(off) as *const AtomicU64) }
+    // SAFETY: the caller guarantees alignment, bounds, write access and lifetime (the
+    // conditions of `AtomicU64::from_ptr`); AtomicU64 has the layout of u64 and permits shared
+    // mutation, so a reference to memory other processes also access atomically is sound.
+    unsafe { AtomicU64::from_ptr(base.add(off) as *mut u64) }
 }
 
 /// Returns `&AtomicU32` at `base + off`.
@@ -248,7 +260,81 @@ unsafe fn atomic_u64<'a>(base: *const u8, off: usize) -> &'a AtomicU64 {
 unsafe fn atomic_u32<'a>(base: *const u8, off: usize) -> &'a AtomicU32 {
     debug_assert!((base as usize + off).is_multiple_of(4));
     // SAFETY: as in atomic_u64.
-    unsafe { &*(base.add(off) as *const AtomicU32) }
+    unsafe { AtomicU32::from_ptr(base.add(off) as *mut u32) }
+}
+
+/// A 64-bit word of a mapping that may be read-only (`PROT_READ`) and that another process
+/// writes: a reader's view of its ring, a publisher's view of a cursor page. It offers one
+/// thing, a Relaxed atomic load, the only atomic access the standard library allows on
+/// read-only memory ("Atomic accesses to read-only memory" in `core::sync::atomic`; 8 bytes
+/// on the 64-bit targets `crate::sync` admits). Acquire is a Relaxed load plus a fence
+/// (`wake::protocol`). No `&AtomicU64` over such memory is ever handed out, so nothing can
+/// store through one.
+#[repr(transparent)]
+struct RoU64(AtomicU64);
+
+impl SharedWord for RoU64 {
+    #[inline(always)]
+    fn load_relaxed(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// [`RoU64`] for a 32-bit word.
+#[repr(transparent)]
+struct RoU32(AtomicU32);
+
+impl RoU32 {
+    /// A Relaxed load (see [`RoU64`]).
+    #[inline(always)]
+    fn load_relaxed(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// A Relaxed load, then an Acquire fence (an Acquire load is not allowed on read-only
+    /// memory). The caller names the Release store it pairs with.
+    #[inline(always)]
+    fn load_acquire(&self) -> u32 {
+        let v = self.load_relaxed();
+        fence(Ordering::Acquire);
+        v
+    }
+}
+
+/// Returns a read-only view of the 64-bit word at `base + off`.
+///
+/// # Safety
+/// `base + off` must be 8-aligned, inside a live mapping (read-only or read-write) of at least
+/// `off + 8` bytes that outlives `'a`, and only ever written atomically by membus processes.
+#[inline(always)]
+unsafe fn ro_u64<'a>(base: *const u8, off: usize) -> &'a RoU64 {
+    debug_assert!((base as usize + off).is_multiple_of(8));
+    // SAFETY: the caller guarantees alignment, bounds and lifetime, so the reference is
+    // dereferenceable for its whole life (a shared reference to a type with interior
+    // mutability needs readable memory, not writable). RoU64 is a transparent AtomicU64 whose
+    // only access is a Relaxed 8-byte load, which is defined on read-only memory on every
+    // target crate::sync admits.
+    unsafe { &*(base.add(off) as *const RoU64) }
+}
+
+/// [`ro_u64`] for a 32-bit word.
+///
+/// # Safety
+/// As for [`ro_u64`], with 4-byte alignment and size.
+#[inline(always)]
+unsafe fn ro_u32<'a>(base: *const u8, off: usize) -> &'a RoU32 {
+    debug_assert!((base as usize + off).is_multiple_of(4));
+    // SAFETY: as in ro_u64 (a 4-byte Relaxed load is within the read-only limit everywhere).
+    unsafe { &*(base.add(off) as *const RoU32) }
+}
+
+/// Splits a word read from memory into the two `u32` fields it holds, lower address first.
+fn halves(word: u64) -> (u32, u32) {
+    let b = word.to_ne_bytes();
+    (
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+    )
 }
 
 const NEXT_POS_OFF: usize = offset_of!(RingHeader, next_pos);
@@ -264,13 +350,38 @@ const PARK_OFF: usize = offset_of!(CursorHeader, park);
 const FLAGS_OFF: usize = offset_of!(CursorHeader, flags);
 const STATE_OFF: usize = offset_of!(CursorHeader, state);
 
-/// Reads the write-once header info with volatile loads (a hostile writer may change it while
-/// we read; we take one copy and use only that).
+/// Reads the write-once header info word by word with Relaxed atomic loads: a hostile writer
+/// may change it while we read (a plain or volatile read racing its store would be a data
+/// race); we take one copy and use only that. The reserved tail is not read.
 fn read_info(map: &RingMapping) -> RingInfo {
-    // SAFETY: the header page is mapped (at least RING_HEADER_BYTES) for the mapping's life and
-    // RingInfo is plain integers, valid for any bit pattern; a volatile read of a racing write
-    // yields some bit pattern, never UB on the supported targets.
-    unsafe { core::ptr::read_volatile(map.header_ptr() as *const RingInfo) }
+    const _: () = assert!(
+        offset_of!(RingInfo, layout_version) == 8
+            && offset_of!(RingInfo, mode) == 12
+            && offset_of!(RingInfo, header_bytes) == 16
+            && offset_of!(RingInfo, record_align) == 20
+            && offset_of!(RingInfo, data_bytes) == 24
+            && offset_of!(RingInfo, max_message_bytes) == 32
+            && offset_of!(RingInfo, writer_pid) == 36
+            && offset_of!(RingInfo, publisher_id) == 40
+    );
+    // SAFETY: offsets 0..48 step 8 are 8-aligned inside the header page, mapped for the
+    // mapping's life.
+    let word = |off| unsafe { ro_u64(map.header_ptr(), off) }.load_relaxed();
+    let (layout_version, mode) = halves(word(8));
+    let (header_bytes, record_align) = halves(word(16));
+    let (max_message_bytes, writer_pid) = halves(word(32));
+    RingInfo {
+        magic: word(0).to_ne_bytes(),
+        layout_version,
+        mode,
+        header_bytes,
+        record_align,
+        data_bytes: word(24),
+        max_message_bytes,
+        writer_pid,
+        publisher_id: word(40),
+        reserved: [0; 80],
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -383,18 +494,17 @@ impl CursorView {
                 expected: "CURSOR_PAGE_BYTES",
             });
         }
+        const _: () = assert!(FLAGS_OFF == 28);
         let base = map.as_ptr();
-        // SAFETY: the page is mapped for at least CURSOR_PAGE_BYTES; the prefix read is plain
-        // integers, valid for any bit pattern.
-        let (magic, version, slots, id, flags) = unsafe {
-            (
-                core::ptr::read_volatile(base as *const [u8; 8]),
-                core::ptr::read_volatile(base.add(8) as *const u32),
-                core::ptr::read_volatile(base.add(12) as *const u32),
-                core::ptr::read_volatile(base.add(16) as *const u64),
-                core::ptr::read_volatile(base.add(FLAGS_OFF) as *const u32),
-            )
-        };
+        // One Relaxed atomic load per header word: the subscriber may still be writing its
+        // page (a volatile read racing that would be a data race). We take one copy.
+        // SAFETY: offsets 0, 8, 16 and 24 are 8-aligned inside the page, which is mapped for at
+        // least CURSOR_PAGE_BYTES while `map` lives.
+        let word = |off| unsafe { ro_u64(base, off) }.load_relaxed();
+        let magic = word(0).to_ne_bytes();
+        let (version, slots) = halves(word(8));
+        let id = word(16);
+        let (_pid, flags) = halves(word(24));
         let checks = [
             (
                 "magic",
@@ -432,21 +542,24 @@ impl CursorView {
         if slot >= CURSOR_SLOTS {
             return CURSOR_DETACHED;
         }
-        // SAFETY: slot < CURSOR_SLOTS (checked at add_reader) so the offset is in the page.
-        protocol::read_cursor(unsafe { atomic_u64(self.map.as_ptr(), cursor_slot_offset(slot)) })
+        // SAFETY: slot < CURSOR_SLOTS (checked above) so the offset is in the page, 8-aligned.
+        protocol::read_cursor(unsafe { ro_u64(self.map.as_ptr(), cursor_slot_offset(slot)) })
     }
 
     /// The subscriber's park word (odd while parked).
     pub fn park(&self) -> u64 {
         // SAFETY: PARK_OFF is inside the page and 8-aligned.
-        protocol::park_word(unsafe { atomic_u64(self.map.as_ptr(), PARK_OFF) })
+        protocol::park_word(unsafe { ro_u64(self.map.as_ptr(), PARK_OFF) })
     }
 
     /// True once the subscriber marked its page closed.
     pub fn is_closed(&self) -> bool {
         // SAFETY: STATE_OFF is inside the page and 4-aligned.
-        let state = unsafe { atomic_u32(self.map.as_ptr(), STATE_OFF) };
-        state.load(Ordering::Acquire) == CURSOR_STATE_CLOSED
+        let state = unsafe { ro_u32(self.map.as_ptr(), STATE_OFF) };
+        // SYNC POINT: Relaxed load + Acquire fence; pairs with the Release store in
+        // CursorPage::close (nothing is read after it that the subscriber wrote before, but
+        // the pairing keeps "closed" ordered after the subscriber's last cursor store).
+        state.load_acquire() == CURSOR_STATE_CLOSED
     }
 }
 
@@ -655,9 +768,21 @@ impl Writer {
         self.readers.len()
     }
 
-    /// Rescans every cursor; returns the slowest live reader's position clamped to
-    /// `[next_pos - data_bytes, next_pos]` (a cursor outside is a subscriber lying about its own
-    /// state: it can only hurt itself), or `next_pos` with no live reader.
+    /// Rescans every cursor; returns the slowest position a live reader can be proven to hold,
+    /// or `next_pos` with no such reader.
+    ///
+    /// A subscriber writes its own cursor, so the writer judges each value against its own ring
+    /// (trusted memory it alone writes) before letting it hold anything back. An honest
+    /// reliable reader's cursor is always a record boundary inside the window
+    /// `[next_pos - data_bytes, next_pos]`: `next_pos` itself, or the position of a committed
+    /// record whose commit word still reads `pos + 1` (the writer has not overwritten it,
+    /// because the reader holds it). Any other value (behind the window, ahead of `next_pos`,
+    /// misaligned, mid-record, or at a position the writer has since overwritten) is a
+    /// subscriber lying about its own state: it does not hold the writer back, and can only
+    /// hurt itself (it will be lapped, or read garbage that fails its own checks).
+    ///
+    /// A subscriber that was there before this publisher (`until_attached`) holds its start
+    /// position, clamped into the window, until its cursor attaches.
     fn scan_min(&self) -> u64 {
         let lo = self.next_pos.saturating_sub(self.cfg.data_bytes);
         let mut min = self.next_pos;
@@ -667,12 +792,33 @@ impl Writer {
             }
             let pos = match (r.cursor.read_pos(r.slot), r.until_attached) {
                 (CURSOR_DETACHED, None) => continue,
-                (CURSOR_DETACHED, Some(start)) => start,
-                (pos, _) => pos,
+                (CURSOR_DETACHED, Some(start)) => start.clamp(lo, self.next_pos),
+                (pos, _) if self.is_record_boundary(pos) => pos,
+                _ => continue,
             };
-            min = min.min(pos.clamp(lo, self.next_pos));
+            min = min.min(pos);
         }
         min
+    }
+
+    /// Is `pos` a position an honest reader's cursor can hold: `next_pos`, or a committed
+    /// record inside the window whose commit word this writer wrote as `pos + 1` and has not
+    /// overwritten since? Cold path (cursor rescans only).
+    fn is_record_boundary(&self, pos: u64) -> bool {
+        if pos == self.next_pos {
+            return true;
+        }
+        let lo = self.next_pos.saturating_sub(self.cfg.data_bytes);
+        if pos < lo || pos > self.next_pos || !pos.is_multiple_of(RECORD_ALIGN as u64) {
+            return false;
+        }
+        let off = (pos & self.mask) as usize;
+        // SAFETY: pos is RECORD_ALIGN-aligned, so off is 8-aligned and off + 8 <= data_bytes,
+        // inside the first copy of our own read-write data area.
+        let commit_word = unsafe { atomic_u64(self.map.data_ptr(), off) };
+        // Relaxed: this thread is the only one that ever stores this word, so it reads its own
+        // latest store; nothing else is read on the strength of it.
+        commit_word.load(Ordering::Relaxed) == pos + 1
     }
 
     /// The slowest reader's position, for stats and the broker's stall detection.
@@ -862,13 +1008,16 @@ impl Writer {
         protocol::commit(commit_word, pos + 1);
         self.next_pos = pos + record_bytes(len) as u64;
         self.next_seq = seq + 1;
-        // Read only by joining or resynchronising readers and by `bus stat`: these two words
-        // share a line that stays in our cache otherwise.
-        self.header_u64(NEXT_SEQ_OFF)
-            .store(self.next_seq, Ordering::Relaxed);
-        self.header_u64(LAST_POS_OFF).store(pos, Ordering::Relaxed);
-        self.header_u64(NEXT_POS_OFF)
-            .store(self.next_pos, Ordering::Release);
+        // Read only by joining or resynchronising readers and by `bus stat`: these words share
+        // a line that stays in our cache otherwise.
+        protocol::publish_progress(
+            self.header_u64(NEXT_SEQ_OFF),
+            self.header_u64(LAST_POS_OFF),
+            self.header_u64(NEXT_POS_OFF),
+            self.next_seq,
+            pos,
+            self.next_pos,
+        );
         self.stats.committed += 1;
         self.wake_parked();
         seq
@@ -990,6 +1139,21 @@ impl core::fmt::Debug for Reader {
 /// In a lossy ring the writer may overwrite the bytes while you read them: call
 /// [`Sample::is_intact`] after reading to confirm that what you read was not overwritten (the
 /// seqlock pattern). In a reliable ring the bytes stay put until the sample is dropped.
+///
+/// # The zero-copy view and the memory model
+///
+/// `Deref` gives the payload as `&[u8]` read with plain loads. That is exact while the writer
+/// keeps its protocol and the ring is reliable (it does not touch the bytes before the sample
+/// is dropped). When the writer overwrites them while they are read (a lossy ring that laps
+/// the reader, or a writer that breaks the protocol), those plain loads race its stores, which
+/// Rust's memory model calls a data race, as crossbeam's seqlock says of its own optimistic
+/// reads. membus accepts this deliberately, and relies on exactly this: the bytes are `u8`,
+/// valid for every bit pattern; nothing in membus derives a length, index or pointer from
+/// them; the other process's stores cannot be seen by this process's compiler, so the only
+/// effect is that the values read may be any mix of old and new bytes, and may differ between
+/// two reads of the same byte; and [`Sample::is_intact`] after the read says whether that
+/// happened. A caller that wants to stay inside the model uses [`Sample::copy_to`], which
+/// copies with atomic loads. docs/unsafe.md ("ring") has the full statement.
 pub struct Sample<'r> {
     reader: &'r mut Reader,
     payload: *const u8,
@@ -1029,9 +1193,24 @@ impl Sample<'_> {
     }
     /// Copies the payload into `out` and confirms it was intact while copied; `false` means
     /// the copy may be torn and must be discarded (count it as lost).
+    ///
+    /// The copy is made with one Relaxed atomic load per 8-byte word
+    /// ([`protocol::copy_out`]), so it is sound even while the writer overwrites the bytes (a
+    /// lossy ring, or a hostile writer): this is the way to read a lossy payload that stays
+    /// inside Rust's memory model, unlike the zero-copy `&[u8]` of `Deref` (see the type's
+    /// documentation).
     pub fn copy_to(&self, out: &mut Vec<u8>) -> bool {
         out.clear();
-        out.extend_from_slice(self);
+        out.resize(self.len, 0);
+        let words = self.len.div_ceil(8);
+        // SAFETY: the payload starts at data offset off + 32 with off RECORD_ALIGN-aligned, so
+        // it is 8-aligned; its `words` words end at off + 32 + 8 * words <= off +
+        // record_bytes(len) (records are padded to RECORD_ALIGN), and off + record_bytes(len)
+        // <= off + data_bytes / 2 < 2 * data_bytes: inside the double mapping, which the
+        // borrowed reader keeps alive. RoU64 is a transparent AtomicU64 whose only access is a
+        // Relaxed load, allowed on the read-only mapping.
+        let src = unsafe { core::slice::from_raw_parts(self.payload as *const RoU64, words) };
+        protocol::copy_out(src, out);
         self.is_intact()
     }
 }
@@ -1145,7 +1324,7 @@ impl Reader {
         };
         match start {
             StartAt::Next => {
-                let next = r.header_u64(NEXT_POS_OFF).load(Ordering::Acquire);
+                let next = protocol::load_acquire(r.header_u64(NEXT_POS_OFF));
                 // A bad next_pos is harmless here: the record there will not validate.
                 r.pos = next - next % RECORD_ALIGN as u64;
             }
@@ -1158,9 +1337,18 @@ impl Reader {
     }
 
     #[inline]
-    fn header_u64(&self, off: usize) -> &AtomicU64 {
-        // SAFETY: off is an 8-aligned offset inside the header page.
-        unsafe { atomic_u64(self.map.header_ptr(), off) }
+    fn header_u64(&self, off: usize) -> &RoU64 {
+        // SAFETY: off is an 8-aligned offset inside the header page, mapped while self lives.
+        unsafe { ro_u64(self.map.header_ptr(), off) }
+    }
+
+    /// The commit word of the record at `pos`, which must be RECORD_ALIGN-aligned (R2).
+    #[inline]
+    fn commit_word(&self, pos: u64) -> &RoU64 {
+        debug_assert!(pos.is_multiple_of(RECORD_ALIGN as u64));
+        // SAFETY: pos is RECORD_ALIGN-aligned, so off = pos % data_bytes is 8-aligned and
+        // off + 8 <= data_bytes: inside the first copy of the data area, mapped while self lives.
+        unsafe { ro_u64(self.map.data_ptr(), (pos & self.mask) as usize) }
     }
 
     #[inline]
@@ -1183,9 +1371,20 @@ impl Reader {
     /// The writer's published `(next_pos, next_seq)`: where it writes next and how many records
     /// it has committed. For monitoring (lag, message counts); untrusted numbers.
     pub fn writer_progress(&self) -> (u64, u64) {
-        let pos = self.header_u64(NEXT_POS_OFF).load(Ordering::Acquire);
-        let seq = self.header_u64(NEXT_SEQ_OFF).load(Ordering::Relaxed);
+        let pos = protocol::load_acquire(self.header_u64(NEXT_POS_OFF));
+        let seq = self.header_u64(NEXT_SEQ_OFF).load_relaxed();
         (pos, seq)
+    }
+
+    /// Is `pos` the position of a committed record in this ring: aligned to `RECORD_ALIGN`,
+    /// with a commit word (the first 8 bytes at data offset `pos % data_bytes`) that reads
+    /// `pos + 1`? Loaded like every commit word (Relaxed, then an Acquire fence when it
+    /// matches). For the broker's monitoring of a ring it reads (stall detection: is a
+    /// subscriber's cursor a record it could be holding?); an untrusted answer, as the writer
+    /// may change the word at any time, but never an out-of-bounds read.
+    pub fn committed_record_at(&self, pos: u64) -> bool {
+        pos.is_multiple_of(RECORD_ALIGN as u64)
+            && protocol::is_committed(self.commit_word(pos), pos.wrapping_add(1))
     }
 
     #[inline]
@@ -1206,37 +1405,41 @@ impl Reader {
 
     /// Is a record ready (or must the reader resynchronise)? Cheap: one load of the commit word
     /// and, when empty, of `claim`. Used for the second look of the park protocol.
+    ///
+    /// Invariant (progress): when this returns `true`, the next [`Reader::try_recv`] returns a
+    /// sample, returns an error, or moves [`Reader::position`] forward, unless the ring changed
+    /// in between. No caller loop of "has_pending, then try_recv" can spin on a ring that
+    /// stays as it is: a state no honest writer can produce (a claim beyond what the writer
+    /// could have raised given its `next_pos`, an implausible `next_pos`, a resync that would
+    /// not move) makes the ring corrupt, and a corrupt ring is never pending again.
     pub fn has_pending(&self) -> bool {
         if self.corrupt {
             return false;
         }
-        let off = (self.pos & self.mask) as usize;
-        // SAFETY: off < data_bytes and 8-aligned; inside the mapping.
-        let commit_word = unsafe { atomic_u64(self.map.data_ptr(), off) };
-        protocol::is_committed(commit_word, self.pos.wrapping_add(1))
+        protocol::is_committed(self.commit_word(self.pos), self.pos.wrapping_add(1))
             || !protocol::still_intact(self.header_u64(CLAIM_OFF), self.pos, self.data_bytes)
     }
 
     /// Is the record at the reader's position committed? One load of its commit word (no claim
     /// check): [`Reader::try_recv`] can then still find the reader lapped (lossy) or the record
     /// corrupt, but it will not find the ring empty. Lets a caller that polls pick a ring
-    /// without taking a record twice.
+    /// without taking a record twice. The progress invariant of [`Reader::has_pending`] holds
+    /// for it too.
     #[inline]
     pub fn has_record(&self) -> bool {
         if self.corrupt {
             return false;
         }
-        let off = (self.pos & self.mask) as usize;
-        // SAFETY: off < data_bytes and 8-aligned (R2); inside the mapping.
-        let commit_word = unsafe { atomic_u64(self.map.data_ptr(), off) };
-        protocol::is_committed(commit_word, self.pos.wrapping_add(1))
+        protocol::is_committed(self.commit_word(self.pos), self.pos.wrapping_add(1))
     }
 
     /// True once the writer has closed the ring and everything in it has been read.
     pub fn is_finished(&self) -> bool {
         // SAFETY: CLOSED_OFF is 4-aligned inside the header page.
-        let closed = unsafe { atomic_u32(self.map.header_ptr(), CLOSED_OFF) };
-        closed.load(Ordering::Acquire) != 0 && !self.has_pending()
+        let closed = unsafe { ro_u32(self.map.header_ptr(), CLOSED_OFF) };
+        // SYNC POINT: Relaxed load + Acquire fence; pairs with the Release store in
+        // Writer::close: every record committed before the close is visible to has_pending.
+        closed.load_acquire() != 0 && !self.has_pending()
     }
 
     /// After [`Reader::is_finished`]: how many records at the end of the stream this reader
@@ -1245,11 +1448,13 @@ impl Reader {
     /// delivered + lost = committed. `None` while the writer has not closed.
     pub fn lost_at_end(&self) -> Option<u64> {
         // SAFETY: CLOSED_OFF is 4-aligned inside the header page.
-        let closed = unsafe { atomic_u32(self.map.header_ptr(), CLOSED_OFF) };
-        if closed.load(Ordering::Acquire) == 0 {
+        let closed = unsafe { ro_u32(self.map.header_ptr(), CLOSED_OFF) };
+        // SYNC POINT: Relaxed load + Acquire fence; pairs with the Release store in
+        // Writer::close, which stored end_seq before it.
+        if closed.load_acquire() == 0 {
             return None;
         }
-        let end = self.header_u64(END_SEQ_OFF).load(Ordering::Relaxed);
+        let end = self.header_u64(END_SEQ_OFF).load_relaxed();
         Some(end.saturating_sub(self.expected_seq.unwrap_or(end)))
     }
 
@@ -1268,10 +1473,10 @@ impl Reader {
             // <= data_bytes and every word below is 8-aligned inside the first data copy.
             let (commit_word, seq_w, ts_w, meta_w) = unsafe {
                 (
-                    atomic_u64(base, off),
-                    atomic_u64(base, off + SEQ_OFF),
-                    atomic_u64(base, off + TS_OFF),
-                    atomic_u64(base, off + META_OFF),
+                    ro_u64(base, off),
+                    ro_u64(base, off + SEQ_OFF),
+                    ro_u64(base, off + TS_OFF),
+                    ro_u64(base, off + META_OFF),
                 )
             };
             let claim = self.header_u64(CLAIM_OFF);
@@ -1283,9 +1488,9 @@ impl Reader {
                 continue;
             }
             // One read of each header word; only these locals are used from here on.
-            let seq = seq_w.load(Ordering::Relaxed);
-            let timestamp_ns = ts_w.load(Ordering::Relaxed);
-            let (len, kind, _flags) = RecordHeader::unpack_meta(meta_w.load(Ordering::Relaxed));
+            let seq = seq_w.load_relaxed();
+            let timestamp_ns = ts_w.load_relaxed();
+            let (len, kind, _flags) = RecordHeader::unpack_meta(meta_w.load_relaxed());
             if !protocol::still_intact(claim, pos, self.data_bytes) {
                 self.resync()?;
                 continue;
@@ -1310,14 +1515,17 @@ impl Reader {
                 None => 0,
             };
             let len = len as usize;
+            // A record that would end past u64::MAX is one no writer can have committed (and
+            // a wrapped position would let the reader run backwards).
+            let Some(next_pos) = pos.checked_add(record_bytes(len) as u64) else {
+                return Err(self.corrupt(Corruption::BadNextPosition(pos)));
+            };
             debug_assert!(off + RECORD_HEADER_BYTES + len <= 2 * self.data_bytes as usize);
             // SAFETY: len <= max_message_bytes <= data_bytes/2 - 32 and off < data_bytes, so
             // the payload lies inside the double-mapped data area.
             let payload = unsafe { base.add(off + RECORD_HEADER_BYTES) };
             return Ok(Some(Sample {
-                // Wrapping: pos came from peer memory (via next_pos) and may be absurd; a wrapped
-                // position fails the monotonicity check of the next resync.
-                next_pos: pos.wrapping_add(record_bytes(len) as u64),
+                next_pos,
                 reader: self,
                 payload,
                 len,
@@ -1329,29 +1537,56 @@ impl Reader {
         Ok(None)
     }
 
-    /// The reader was lapped: jump to the writer's newest record (`last_pos`; latest wins), or
-    /// to `next_pos`. The loss is counted exactly from the sequence gap of the next record read. (A reader that has not read anything yet has
-    /// no expected sequence, so its first gap is not counted: it joined mid-stream.)
+    /// The reader was lapped (its position is not intact): jump to the writer's newest record
+    /// (`last_pos`; latest wins), or to `next_pos`. The loss is counted exactly from the
+    /// sequence gap of the next record read. (A reader that has not read anything yet has no
+    /// expected sequence, so its first gap is not counted: it joined mid-stream.)
+    ///
+    /// A resync always moves the reader forward, or finds the ring corrupt. The caller saw a
+    /// claim `c0 > pos + data_bytes`. The writer's values are loaded claim first, then
+    /// `next_pos`, then the claim again ([`protocol::writer_position`] has the SYNC POINTs),
+    /// so an honest writer, however fast, shows `claim_before <= next_pos + data_bytes` (it
+    /// never raises the claim further than one record and one chunk past a `next_pos` it has
+    /// published) and `next_pos <= claim_after` (it raises the claim before it publishes a
+    /// `next_pos` up to it); the claim only grows, so `claim_before >= c0` and `next_pos >
+    /// pos`. Values breaking any of this come from no honest writer: the ring is corrupt.
     fn resync(&mut self) -> Result<(), RecvError> {
-        // SYNC POINT: Acquire on next_pos pairs with the writer's Release store after each
-        // commit; last_pos was stored before it, so it names a committed record.
-        let next = self.header_u64(NEXT_POS_OFF).load(Ordering::Acquire);
-        let last = self.header_u64(LAST_POS_OFF).load(Ordering::Relaxed);
-        let claim = self.header_u64(CLAIM_OFF).load(Ordering::Relaxed);
+        let w = protocol::writer_position(
+            self.header_u64(CLAIM_OFF),
+            self.header_u64(NEXT_POS_OFF),
+            self.header_u64(LAST_POS_OFF),
+        );
         let align = RECORD_ALIGN as u64;
-        if !next.is_multiple_of(align) || next < self.pos || next > claim {
+        let next = w.next_pos;
+        // Misaligned, behind us, not past us (a resync that would not move), or beyond the
+        // claim raised before it was published.
+        if !next.is_multiple_of(align) || next <= self.pos || next > w.claim_after {
             return Err(self.corrupt(Corruption::BadNextPosition(next)));
         }
+        if !w.is_plausible(self.data_bytes) {
+            return Err(self.corrupt(Corruption::ClaimBeyondNextPosition {
+                claim: w.claim_before,
+                next_pos: next,
+            }));
+        }
         // Latest wins: resume at the newest record if it is plausible (aligned, ahead of us,
-        // before next_pos); otherwise at next_pos. A bad last_pos is not trusted, only skipped.
-        self.pos = if last.is_multiple_of(align) && last >= self.pos && last < next {
-            last
+        // before next_pos); otherwise at next_pos. A bad last_pos is not trusted, only skipped
+        // (an honest one can be stale or already newer than the next_pos we loaded).
+        self.pos = if last_is_plausible(w.last_pos, self.pos, next) {
+            w.last_pos
         } else {
             next
         };
         self.publish_cursor();
         Ok(())
     }
+}
+
+/// May a resync from `pos` resume at the writer's `last_pos`: aligned, strictly ahead of the
+/// reader (the reader's own position is the one found overwritten) and before `next_pos`?
+#[inline]
+fn last_is_plausible(last: u64, pos: u64, next: u64) -> bool {
+    last.is_multiple_of(RECORD_ALIGN as u64) && last > pos && last < next
 }
 
 impl Drop for Reader {

@@ -48,14 +48,18 @@ impl Default for WaitStrategy {
 
 /// The ordering decisions of the cross-process protocol, as functions over [`crate::sync`]
 /// atomics so that loom can check them. The ring calls these and nothing else for its
-/// synchronising loads and stores.
+/// synchronising loads and stores, and the client's inbox calls the `inbox_*` ones.
+///
+/// Reader-side functions take a [`SharedWord`](crate::sync::SharedWord): words in read-only mappings allow Relaxed
+/// loads only, so every Acquire here is a Relaxed load followed by an Acquire fence. On x86-64
+/// both compile to the same plain `mov` as an Acquire load would.
 pub mod protocol {
-    use crate::sync::{AtomicU64, Ordering, fence};
+    use crate::sync::{AtomicBool, AtomicU64, Ordering, SharedWord, fence};
 
     /// Writer: publishes a record by storing its commit word (`pos + 1`).
     ///
-    /// SYNC POINT: Release; pairs with the Acquire in [`is_committed`]. Every header field and
-    /// payload byte written before it is visible to a reader that sees the commit word.
+    /// SYNC POINT: Release; pairs with the Acquire fence in [`is_committed`]. Every header field
+    /// and payload byte written before it is visible to a reader that sees the commit word.
     #[inline]
     pub fn commit(commit_word: &AtomicU64, value: u64) {
         commit_word.store(value, Ordering::Release);
@@ -63,10 +67,17 @@ pub mod protocol {
 
     /// Reader: has the record whose commit word should read `expected` been committed?
     ///
-    /// SYNC POINT: Acquire; pairs with the Release in [`commit`].
+    /// SYNC POINT: Relaxed load, then (only when it matches) an Acquire fence; pairs with the
+    /// Release store in [`commit`]: the record's header and payload written before the commit
+    /// word are visible to every load after this returns `true`.
     #[inline]
-    pub fn is_committed(commit_word: &AtomicU64, expected: u64) -> bool {
-        commit_word.load(Ordering::Acquire) == expected
+    pub fn is_committed<W: SharedWord + ?Sized>(commit_word: &W, expected: u64) -> bool {
+        if commit_word.load_relaxed() == expected {
+            fence(Ordering::Acquire);
+            true
+        } else {
+            false
+        }
     }
 
     /// Writer, after [`commit`] and before reading park words.
@@ -79,10 +90,10 @@ pub mod protocol {
         fence(Ordering::SeqCst);
     }
 
-    /// Writer: reads a subscriber's park word (after [`publisher_fence`]).
+    /// Writer: reads a subscriber's park word (after [`publisher_fence`], which orders it).
     #[inline]
-    pub fn park_word(park: &AtomicU64) -> u64 {
-        park.load(Ordering::Relaxed)
+    pub fn park_word<W: SharedWord + ?Sized>(park: &W) -> u64 {
+        park.load_relaxed()
     }
 
     /// Writer: should a wakeup be sent, given the park word just read and the park word value
@@ -95,7 +106,7 @@ pub mod protocol {
     /// Reader: announces that it is about to park; the caller must look at its rings again
     /// before blocking. Returns the new (odd) park word.
     ///
-    /// SYNC POINT: SeqCst fence after the increment; pairs with [`publisher_fence`].
+    /// SYNC POINT: SeqCst fence after the store; pairs with [`publisher_fence`].
     #[inline]
     pub fn announce_park(park: &AtomicU64) -> u64 {
         // Only the subscriber writes its park word, so load + store is race-free; a plain
@@ -117,12 +128,18 @@ pub mod protocol {
 
     /// Writer, before overwriting bytes: raises the claim word.
     ///
-    /// SYNC POINT: Relaxed store then Release fence (the seqlock writer's "begin"); pairs with
-    /// the Acquire fence in [`still_intact`]. A reader that observed any byte written after this
-    /// call also observes the raised claim.
+    /// SYNC POINT, twice:
+    /// - The store is Release; pairs with the Acquire fence in [`writer_position`] that follows
+    ///   its first claim load: a reader that sees this claim also sees every `next_pos` the
+    ///   writer published before raising it. That is what lets a reader call a claim above
+    ///   `next_pos + data_bytes` impossible (no honest writer raises the claim further than one
+    ///   record plus one chunk past the `next_pos` it has published).
+    /// - The Release fence after it is the seqlock writer's "begin"; pairs with the Acquire fence
+    ///   in [`still_intact`]: a reader that observed any byte written after this call also
+    ///   observes the raised claim.
     #[inline]
     pub fn raise_claim(claim: &AtomicU64, value: u64) {
-        claim.store(value, Ordering::Relaxed);
+        claim.store(value, Ordering::Release);
         fence(Ordering::Release);
     }
 
@@ -130,34 +147,177 @@ pub mod protocol {
     /// untouched by the writer, given a data area of `data_bytes`?
     ///
     /// SYNC POINT: Acquire fence then Relaxed load (the seqlock reader's "validate"); pairs
-    /// with [`raise_claim`].
+    /// with the Release fence in [`raise_claim`].
     #[inline]
-    pub fn still_intact(claim: &AtomicU64, pos: u64, data_bytes: u64) -> bool {
+    pub fn still_intact<W: SharedWord + ?Sized>(claim: &W, pos: u64, data_bytes: u64) -> bool {
         fence(Ordering::Acquire);
-        claim.load(Ordering::Relaxed) <= pos.saturating_add(data_bytes)
+        claim.load_relaxed() <= pos.saturating_add(data_bytes)
+    }
+
+    /// Reader (lossy): copies record payload words out with one Relaxed atomic load each, so
+    /// that a copy racing the writer is a race of atomics (some value per word), never a data
+    /// race. `out` gets `out.len()` bytes from the first `out.len().div_ceil(8)` words (the
+    /// tail of the last word is dropped). Validate the copy with [`still_intact`] afterwards:
+    /// that fence orders these loads before the claim load.
+    #[inline]
+    pub fn copy_out<W: SharedWord>(words: &[W], out: &mut [u8]) {
+        debug_assert!(words.len() * 8 >= out.len());
+        for (chunk, word) in out.chunks_mut(8).zip(words) {
+            let bytes = word.load_relaxed().to_ne_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+
+    /// Writer, after [`commit`]: publishes where it stands.
+    ///
+    /// SYNC POINT: `next_seq` and `last_pos` Relaxed, then `next_pos` Release; pairs with the
+    /// Acquire fence in [`writer_position`]: a reader that sees this `next_pos` sees these
+    /// `last_pos` and `next_seq` (or newer) and every claim raised before.
+    #[inline]
+    pub fn publish_progress(
+        next_seq_word: &AtomicU64,
+        last_pos_word: &AtomicU64,
+        next_pos_word: &AtomicU64,
+        next_seq: u64,
+        last_pos: u64,
+        next_pos: u64,
+    ) {
+        next_seq_word.store(next_seq, Ordering::Relaxed);
+        last_pos_word.store(last_pos, Ordering::Relaxed);
+        next_pos_word.store(next_pos, Ordering::Release);
+    }
+
+    /// What a reader that must resynchronise saw of the writer, in the order it loaded it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct WriterPosition {
+        /// `claim`, loaded first.
+        pub claim_before: u64,
+        /// `next_pos`, loaded after `claim_before`.
+        pub next_pos: u64,
+        /// `last_pos`, loaded after `next_pos`.
+        pub last_pos: u64,
+        /// `claim` again, loaded after `next_pos`.
+        pub claim_after: u64,
+    }
+
+    impl WriterPosition {
+        /// Could an honest writer have produced these values? It never lets its claim run
+        /// more than `data_bytes` past its published `next_pos` (`claim_before <= next_pos +
+        /// data_bytes`), and raises the claim before publishing a `next_pos` up to it
+        /// (`next_pos <= claim_after`). Both hold whatever the writer does concurrently,
+        /// because of the load order (see [`writer_position`]).
+        #[inline]
+        pub fn is_plausible(&self, data_bytes: u64) -> bool {
+            self.claim_before <= self.next_pos.saturating_add(data_bytes)
+                && self.next_pos <= self.claim_after
+        }
+    }
+
+    /// Reader: loads the writer's `claim`, `next_pos`, `last_pos` and `claim` again.
+    ///
+    /// SYNC POINT, in this order:
+    /// 1. `claim` (Relaxed), then an Acquire fence: pairs with the Release store in
+    ///    [`raise_claim`], so the `next_pos` loaded next is at least the one published before
+    ///    that claim was raised. Loading `next_pos` first could pair a stale `next_pos` with a
+    ///    fresh claim and call an honest fast writer lapping us corrupt.
+    /// 2. `next_pos` (Relaxed), then an Acquire fence: pairs with the Release store in
+    ///    [`publish_progress`], so `last_pos` and the second claim are at least as new.
+    #[inline]
+    pub fn writer_position<W: SharedWord + ?Sized>(
+        claim: &W,
+        next_pos: &W,
+        last_pos: &W,
+    ) -> WriterPosition {
+        let claim_before = claim.load_relaxed();
+        fence(Ordering::Acquire);
+        let next = next_pos.load_relaxed();
+        fence(Ordering::Acquire);
+        WriterPosition {
+            claim_before,
+            next_pos: next,
+            last_pos: last_pos.load_relaxed(),
+            claim_after: claim.load_relaxed(),
+        }
+    }
+
+    /// Any reader of a word published with a Release store (`next_pos` for monitoring, a
+    /// ring's `closed` flag): a Relaxed load and an Acquire fence.
+    ///
+    /// SYNC POINT: Acquire fence; pairs with the Release store that wrote the value read.
+    #[inline]
+    pub fn load_acquire<W: SharedWord + ?Sized>(word: &W) -> u64 {
+        let value = word.load_relaxed();
+        fence(Ordering::Acquire);
+        value
     }
 
     /// Reader: publishes its read cursor (everything below `pos` is released).
     ///
-    /// SYNC POINT: Release; pairs with the Acquire in [`read_cursor`]: the reader's reads of
-    /// released records happen before the writer reuses their bytes.
+    /// SYNC POINT: Release; pairs with the Acquire fence in [`read_cursor`]: the reader's reads
+    /// of released records happen before the writer reuses their bytes.
     #[inline]
     pub fn release_cursor(cursor: &AtomicU64, pos: u64) {
         cursor.store(pos, Ordering::Release);
     }
 
-    /// Writer: reads a subscriber's read cursor. SYNC POINT: Acquire; pairs with
-    /// [`release_cursor`].
+    /// Writer: reads a subscriber's read cursor.
+    ///
+    /// SYNC POINT: Relaxed load then Acquire fence; pairs with [`release_cursor`].
     #[inline]
-    pub fn read_cursor(cursor: &AtomicU64) -> u64 {
-        cursor.load(Ordering::Acquire)
+    pub fn read_cursor<W: SharedWord + ?Sized>(cursor: &W) -> u64 {
+        load_acquire(cursor)
+    }
+
+    /// Inbox owner, on its data path: the event generation. Relaxed: an owner that sees a new
+    /// value then takes the inbox lock, and the lock's order makes the events pushed before
+    /// the bump visible (the bump that was read is after the pusher's unlock, so the owner's
+    /// lock cannot come before that unlock without the load coming before the bump).
+    #[inline]
+    pub fn inbox_generation(generation: &AtomicU64) -> u64 {
+        generation.load(Ordering::Relaxed)
+    }
+
+    /// Inbox, the control thread after queueing an event (under and after the inbox lock):
+    /// bumps the generation and tells whether the owner announced it is going to sleep, in
+    /// which case the caller must signal it.
+    ///
+    /// SYNC POINT: SeqCst fence between the bump and the `sleeping` load; pairs with the SeqCst
+    /// fence in [`inbox_second_look`] (Dekker): either the owner's second look sees the bump,
+    /// or this load sees its `sleeping` flag.
+    #[inline]
+    pub fn inbox_bump(generation: &AtomicU64, sleeping: &AtomicBool) -> bool {
+        generation.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        sleeping.load(Ordering::Relaxed)
+    }
+
+    /// Inbox owner, about to block: announces it. Follow with [`inbox_second_look`], which
+    /// orders this store.
+    #[inline]
+    pub fn inbox_announce_sleep(sleeping: &AtomicBool) {
+        sleeping.store(true, Ordering::Relaxed);
+    }
+
+    /// Inbox owner, after [`inbox_announce_sleep`]: the generation once more. If it still
+    /// equals the one last seen, the owner may block: the control thread will signal it.
+    ///
+    /// SYNC POINT: SeqCst fence before the load; pairs with the SeqCst fence in [`inbox_bump`].
+    #[inline]
+    pub fn inbox_second_look(generation: &AtomicU64) -> u64 {
+        fence(Ordering::SeqCst);
+        generation.load(Ordering::Relaxed)
+    }
+
+    /// Inbox owner: no longer about to block.
+    #[inline]
+    pub fn inbox_end_sleep(sleeping: &AtomicBool) {
+        sleeping.store(false, Ordering::Relaxed);
     }
 
     #[cfg(all(test, loom))]
     mod loom_models {
         use super::*;
         use loom::sync::Arc;
-        use loom::sync::atomic::AtomicBool;
         use loom::thread;
 
         /// No lost wakeup: whenever the subscriber decides to block, the publisher decides to
@@ -175,17 +335,17 @@ pub mod protocol {
                     thread::spawn(move || {
                         commit(&commit_word, 1);
                         publisher_fence();
-                        if needs_wake(park_word(&park), 0) {
+                        if needs_wake(park_word(&*park), 0) {
                             woken.store(true, Ordering::Relaxed);
                         }
                     })
                 };
 
-                let blocked = if is_committed(&commit_word, 1) {
+                let blocked = if is_committed(&*commit_word, 1) {
                     false
                 } else {
                     announce_park(&park);
-                    let found = is_committed(&commit_word, 1);
+                    let found = is_committed(&*commit_word, 1);
                     if found {
                         unpark(&park);
                     }
@@ -198,7 +358,9 @@ pub mod protocol {
             });
         }
 
-        /// Publish / consume: a reader that sees the commit word sees the payload.
+        /// Publish / consume (reliable): a reader that sees the commit word sees the payload,
+        /// which writer and reader both access non-atomically, as the real code does (the
+        /// loan's `&mut [u8]`, the sample's `&[u8]`).
         #[test]
         fn commit_publishes_payload() {
             loom::model(|| {
@@ -212,8 +374,8 @@ pub mod protocol {
                         commit(&commit_word, 1);
                     })
                 };
-                if is_committed(&commit_word, 1) {
-                    // SAFETY: the Acquire in is_committed orders this after the writer's write.
+                if is_committed(&*commit_word, 1) {
+                    // SAFETY: the fence in is_committed orders this after the writer's write.
                     let v = payload.with(|p| unsafe { *p });
                     assert_eq!(v, 42);
                 }
@@ -221,27 +383,101 @@ pub mod protocol {
             });
         }
 
-        /// Lossy validation: a reader that accepts a record (claim check passes) read the old
-        /// bytes, never a mix with the overwrite.
+        /// Lossy: the reader's real sequence against a writer that laps it. The reader takes
+        /// the record at position 0 (commit word, header word, claim check), copies its
+        /// payload out with [`copy_out`] and validates the copy with [`still_intact`], exactly
+        /// as `Reader::try_recv` and `Sample::copy_to` do. The writer raises the claim and
+        /// overwrites header and payload for the record of the next lap. A copy the check
+        /// accepts holds the old bytes, never a mix.
+        ///
+        /// The writer's payload stores are Relaxed atomics here, while the real writer fills
+        /// its loan with plain stores: in the real system the writer is another process, and
+        /// from the reader's process (the only one whose loads race) those stores are the
+        /// hardware's, each aligned word arriving whole or not at all as far as an atomic load
+        /// can tell. docs/unsafe.md ("ring") states this boundary of the model.
         #[test]
-        fn claim_check_rejects_overwritten_bytes() {
+        fn lossy_copy_is_accepted_only_if_untouched() {
             loom::model(|| {
-                let claim = Arc::new(AtomicU64::new(64));
-                let a = Arc::new(AtomicU64::new(1));
-                let b = Arc::new(AtomicU64::new(1));
+                const D: u64 = 128;
+                let claim = Arc::new(AtomicU64::new(D));
+                let commit_word = Arc::new(AtomicU64::new(1));
+                let seq = Arc::new(AtomicU64::new(7));
+                let payload = Arc::new([AtomicU64::new(0x11), AtomicU64::new(0x22)]);
                 let writer = {
-                    let (claim, a, b) = (claim.clone(), a.clone(), b.clone());
+                    let (claim, commit_word, seq, payload) = (
+                        claim.clone(),
+                        commit_word.clone(),
+                        seq.clone(),
+                        payload.clone(),
+                    );
                     thread::spawn(move || {
-                        raise_claim(&claim, 128);
-                        a.store(2, Ordering::Relaxed);
-                        b.store(2, Ordering::Relaxed);
+                        // The record at position D reuses the bytes of the one at 0.
+                        raise_claim(&claim, 2 * D);
+                        payload[0].store(0x33, Ordering::Relaxed);
+                        payload[1].store(0x44, Ordering::Relaxed);
+                        seq.store(8, Ordering::Relaxed);
+                        commit(&commit_word, D + 1);
                     })
                 };
-                let ra = a.load(Ordering::Relaxed);
-                let rb = b.load(Ordering::Relaxed);
-                // Record at pos 0 in a 64-byte data area is intact while claim <= 64.
-                if still_intact(&claim, 0, 64) {
-                    assert_eq!((ra, rb), (1, 1), "accepted overwritten bytes");
+                if is_committed(&*commit_word, 1) {
+                    let s = seq.load(Ordering::Relaxed);
+                    if still_intact(&*claim, 0, D) {
+                        assert_eq!(s, 7, "accepted an overwritten header");
+                        let mut out = [0u8; 12];
+                        copy_out(&payload[..], &mut out);
+                        if still_intact(&*claim, 0, D) {
+                            let mut want = [0u8; 12];
+                            want[..8].copy_from_slice(&0x11u64.to_ne_bytes());
+                            want[8..].copy_from_slice(&0x22u64.to_ne_bytes()[..4]);
+                            assert_eq!(out, want, "accepted overwritten payload bytes");
+                        }
+                    }
+                }
+                writer.join().unwrap();
+            });
+        }
+
+        /// Resynchronisation judges an honest writer plausible, however it interleaves: a
+        /// writer of 64-byte records in a 128-byte ring (claim chunk 16, as
+        /// `Writer::reserve` raises it) laps a reader parked at position 0. Whenever the
+        /// reader finds position 0 not intact and looks at the writer, the values pass
+        /// [`WriterPosition::is_plausible`] and `next_pos` is past the reader, so a resync
+        /// always makes progress.
+        #[test]
+        fn resync_never_calls_an_honest_writer_corrupt() {
+            loom::model(|| {
+                const D: u64 = 128;
+                const REC: u64 = 64;
+                const CHUNK: u64 = D / 8;
+                let claim = Arc::new(AtomicU64::new(D));
+                let next_pos = Arc::new(AtomicU64::new(0));
+                let next_seq = Arc::new(AtomicU64::new(0));
+                let last_pos = Arc::new(AtomicU64::new(0));
+                let writer = {
+                    let (claim, next_pos, next_seq, last_pos) = (
+                        claim.clone(),
+                        next_pos.clone(),
+                        next_seq.clone(),
+                        last_pos.clone(),
+                    );
+                    thread::spawn(move || {
+                        let mut local_claim = D;
+                        let mut pos = 0;
+                        for seq in 0..3 {
+                            let end = pos + REC;
+                            if end > local_claim {
+                                local_claim = end.next_multiple_of(CHUNK);
+                                raise_claim(&claim, local_claim);
+                            }
+                            publish_progress(&next_seq, &last_pos, &next_pos, seq + 1, pos, end);
+                            pos = end;
+                        }
+                    })
+                };
+                if !still_intact(&*claim, 0, D) {
+                    let w = writer_position(&*claim, &*next_pos, &*last_pos);
+                    assert!(w.is_plausible(D), "honest writer judged corrupt: {w:?}");
+                    assert!(w.next_pos > 0, "resync would make no progress: {w:?}");
                 }
                 writer.join().unwrap();
             });
@@ -263,11 +499,61 @@ pub mod protocol {
                         release_cursor(&cursor, 64);
                     })
                 };
-                if read_cursor(&cursor) == 64 {
-                    // SAFETY: the Acquire in read_cursor orders this after the reader's read.
+                if read_cursor(&*cursor) == 64 {
+                    // SAFETY: the fence in read_cursor orders this after the reader's read.
                     cell.with_mut(|p| unsafe { *p = 8 });
                 }
                 reader.join().unwrap();
+            });
+        }
+
+        /// The client's inbox (`bus-client/src/conn.rs`, `Inbox`): the control thread queues
+        /// an event under the lock and bumps the generation, signalling only an owner that
+        /// announced it sleeps (a delivery's `bump(false)`). The owner checks the generation on
+        /// its data path (Relaxed, then the lock) and, before blocking, announces and looks
+        /// once more. It never blocks without being signalled, and whenever it sees a new
+        /// generation the event is in the queue.
+        #[test]
+        fn inbox_owner_never_sleeps_through_an_event() {
+            loom::model(|| {
+                let generation = Arc::new(AtomicU64::new(0));
+                let sleeping = Arc::new(AtomicBool::new(false));
+                let events = Arc::new(loom::sync::Mutex::new(0u32));
+                let signalled = Arc::new(AtomicBool::new(false));
+                let control = {
+                    let (generation, sleeping, events, signalled) = (
+                        generation.clone(),
+                        sleeping.clone(),
+                        events.clone(),
+                        signalled.clone(),
+                    );
+                    thread::spawn(move || {
+                        *events.lock().unwrap() += 1;
+                        if inbox_bump(&generation, &sleeping) {
+                            signalled.store(true, Ordering::Relaxed);
+                        }
+                    })
+                };
+                let seen = 0;
+                let blocked = if inbox_generation(&generation) != seen {
+                    assert_eq!(*events.lock().unwrap(), 1, "new generation, no event");
+                    false
+                } else {
+                    inbox_announce_sleep(&sleeping);
+                    let quiet = inbox_second_look(&generation) == seen;
+                    if !quiet {
+                        inbox_end_sleep(&sleeping);
+                        assert_eq!(*events.lock().unwrap(), 1, "new generation, no event");
+                    }
+                    quiet
+                };
+                control.join().unwrap();
+                if blocked {
+                    assert!(
+                        signalled.load(Ordering::Relaxed),
+                        "owner slept through an event"
+                    );
+                }
             });
         }
     }

@@ -883,3 +883,353 @@ fn from_start_reader_holds_position_zero_until_it_attaches() {
     }
     publish(&mut writer, 100).expect("space released once the reader read");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Progress: a hostile writer cannot make a has_pending / try_recv loop spin
+// ---------------------------------------------------------------------------------------------
+
+const NEXT_POS: usize = 0x80;
+const LAST_POS: usize = 0x90;
+const CLAIM: usize = 0x100;
+
+/// One round of a caller's loop ("if has_pending, try_recv"): `Some(progress)` when
+/// has_pending said true, where progress is whether try_recv returned a sample or an error or
+/// moved the reader; `None` when has_pending said false.
+fn pending_round(r: &mut Reader) -> Option<bool> {
+    if !r.has_pending() {
+        return None;
+    }
+    let before = r.position();
+    let got = r.try_recv().map(|s| s.is_some());
+    let progress = match got {
+        Ok(true) | Err(_) => true,
+        Ok(false) => r.position() > before,
+    };
+    Some(progress)
+}
+
+/// The issue's claim trick: publish one message, then claim = u64::MAX and next_pos = last_pos
+/// = the writer's position. has_pending used to say true for ever while try_recv resynced to
+/// the same position and returned Ok(None): every caller loop spun at 100% CPU.
+#[test]
+fn claim_at_u64_max_with_next_pos_at_the_reader_is_corrupt_not_a_spin() {
+    let mut f = fixture(Mode::Lossy, 4096, false);
+    publish(&mut f.writer, 8).unwrap();
+    drop(f.reader.try_recv().unwrap().expect("the message"));
+    let here = f.reader.position();
+    scribble_header(&f, CLAIM, u64::MAX);
+    scribble_header(&f, NEXT_POS, here);
+    scribble_header(&f, LAST_POS, here);
+    assert!(
+        f.reader.has_pending(),
+        "the claim says the reader was lapped"
+    );
+    let err = f.reader.try_recv().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RecvError::Corrupt {
+                what: Corruption::BadNextPosition(_) | Corruption::ClaimBeyondNextPosition { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        !f.reader.has_pending(),
+        "a corrupt ring is skipped from then on"
+    );
+    assert!(f.reader.try_recv().unwrap().is_none());
+    let mut set = ReaderSet::new();
+    set.insert(f.reader);
+    assert!(!set.has_pending());
+}
+
+/// A claim further past next_pos than any writer can raise it is corrupt even when next_pos
+/// itself would let the reader move.
+#[test]
+fn claim_beyond_what_next_pos_allows_is_corrupt() {
+    let mut f = fixture(Mode::Lossy, 4096, false);
+    publish(&mut f.writer, 8).unwrap();
+    drop(f.reader.try_recv().unwrap().unwrap());
+    scribble_header(&f, NEXT_POS, 128);
+    scribble_header(&f, CLAIM, 128 + 4096 + 64);
+    let err = f.reader.try_recv().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RecvError::Corrupt {
+                what: Corruption::ClaimBeyondNextPosition {
+                    claim: 4288,
+                    next_pos: 128
+                },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// An honest writer's extreme: claim exactly next_pos + data_bytes (a fresh ring's first
+/// state, and as far as a writer can raise it) is not corrupt, and a resync moves the reader.
+#[test]
+fn claim_at_next_pos_plus_data_bytes_is_honest_and_resync_moves() {
+    let mut f = fixture(Mode::Lossy, 4096, false);
+    for _ in 0..200 {
+        publish(&mut f.writer, 100).unwrap();
+    }
+    let s = f
+        .reader
+        .try_recv()
+        .unwrap()
+        .expect("resynchronised to the newest record");
+    assert!(s.lost_before() > 0);
+    drop(s);
+    // The record of the writer's newest position: last_pos equal to the reader's position is
+    // skipped (that position is the one found overwritten), next_pos taken instead.
+    let (next, _) = f.reader.writer_progress();
+    assert_eq!(f.reader.position(), next);
+}
+
+/// A writer whose last record ended past u64::MAX cannot exist: the reader must not wrap
+/// around to small positions and read the ring again.
+#[test]
+fn record_ending_past_u64_max_is_corrupt() {
+    let f = fixture(Mode::Lossy, 4096, false);
+    let start = u64::MAX - 63;
+    scribble_header(&f, NEXT_POS, start);
+    scribble_header(&f, CLAIM, u64::MAX);
+    let rmap = map_ring(&f.ring_fd, 4096, Access::ReadOnly).unwrap();
+    let mut r = Reader::attach(rmap, f.cfg, None, StartAt::Next).unwrap();
+    assert_eq!(r.position(), start);
+    forge_record(&f, start, 5, 8, 1);
+    let err = r.try_recv().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RecvError::Corrupt {
+                what: Corruption::BadNextPosition(p),
+                ..
+            } if p == start
+        ),
+        "{err}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Random header words (claim, next_pos, last_pos) and commit words (some forged to look
+    /// committed, at positions around the hot ones): no sequence of has_pending / try_recv
+    /// loops without progress. Whenever has_pending says true, try_recv returns a sample or an
+    /// error, or moves the reader (at most 2 consecutive exceptions allowed by the issue;
+    /// none happen), and the loop ends (has_pending false) within a bounded number of rounds.
+    #[test]
+    fn hostile_header_words_never_make_a_caller_spin(
+        published in 0usize..80,
+        claim in prop_oneof![any::<u64>(), 0u64..20_000, Just(u64::MAX)],
+        next_pos in prop_oneof![any::<u64>(), 0u64..20_000, (0u64..300).prop_map(|k| k * 64)],
+        last_pos in prop_oneof![any::<u64>(), 0u64..20_000, (0u64..300).prop_map(|k| k * 64)],
+        forged in proptest::collection::vec(
+            (prop_oneof![0u64..20_000, (0u64..300).prop_map(|k| k * 64)], any::<u64>(), 0u32..200),
+            0..8,
+        ),
+        read_first in 0usize..80,
+        start_next in any::<bool>(),
+    ) {
+        let mut f = fixture(Mode::Lossy, 4096, false);
+        for _ in 0..published {
+            publish(&mut f.writer, 40).unwrap();
+        }
+        for _ in 0..read_first.min(published) {
+            let _ = f.reader.try_recv();
+        }
+        scribble_header(&f, CLAIM, claim);
+        scribble_header(&f, NEXT_POS, next_pos);
+        scribble_header(&f, LAST_POS, last_pos);
+        for &(pos, seq, len) in &forged {
+            let pos = pos - pos % 64;
+            forge_record(&f, pos, seq, len, 1);
+        }
+        let mut readers = vec![f.reader];
+        if start_next {
+            let rmap = map_ring(&f.ring_fd, 4096, Access::ReadOnly).unwrap();
+            readers.push(Reader::attach(rmap, f.cfg, None, StartAt::Next).unwrap());
+        }
+        for r in &mut readers {
+            let mut stuck = 0;
+            let mut rounds = 0;
+            while let Some(progress) = pending_round(r) {
+                rounds += 1;
+                stuck = if progress { 0 } else { stuck + 1 };
+                prop_assert!(stuck <= 2, "has_pending true, try_recv Ok(None), no move: {r:?}");
+                // Every sample or resync moves the reader forward through a finite ring of
+                // forged and published records; 4096/64 positions per lap, a few laps at most.
+                prop_assert!(rounds < 2_000, "caller loop does not end: {r:?}");
+            }
+            // has_record obeys the same rule.
+            if r.has_record() {
+                let before = r.position();
+                let got = r.try_recv().map(|s| s.is_some());
+                let progress = match got {
+                    Ok(true) | Err(_) => true,
+                    Ok(false) => r.position() > before,
+                };
+                prop_assert!(progress, "has_record true, try_recv made no progress: {r:?}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cursors the writer can prove
+// ---------------------------------------------------------------------------------------------
+
+/// A reliable writer with one subscriber whose cursor page the test writes directly (as a
+/// hostile subscriber would): the writer, the page (read-write) and a reader of the ring.
+struct CursorFixture {
+    writer: Writer,
+    _page: CursorPage,
+    /// A second read-write mapping of the page, made before sealing: the hostile subscriber.
+    attacker: bus_core::segment::Mapping,
+}
+
+const SLOT: usize = 4;
+
+fn cursor_fixture() -> CursorFixture {
+    let cfg = config(Mode::Reliable, 4096);
+    let ring_fd = create_ring("cursor-judge", 4096).unwrap();
+    let mut writer =
+        Writer::create(map_ring(&ring_fd, 4096, Access::ReadWrite).unwrap(), cfg).unwrap();
+    seal_read_only(&ring_fd).unwrap();
+    let cfd = create_cursor_page("cursor-judge-page").unwrap();
+    let page = CursorPage::init(map_cursor_page(&cfd, Access::ReadWrite).unwrap(), 21).unwrap();
+    let attacker = map_cursor_page(&cfd, Access::ReadWrite).unwrap();
+    seal_read_only(&cfd).unwrap();
+    let view = CursorView::attach(map_cursor_page(&cfd, Access::ReadOnly).unwrap(), 21).unwrap();
+    writer.add_reader(view, SLOT, None).unwrap();
+    CursorFixture {
+        writer,
+        _page: page,
+        attacker,
+    }
+}
+
+/// Stores `value` into the subscriber's cursor for slot SLOT, as a hostile subscriber may.
+fn set_cursor(f: &CursorFixture, value: u64) {
+    let off = bus_core::layout::cursor_slot_offset(SLOT);
+    assert!(off + 8 <= f.attacker.len() && off.is_multiple_of(8));
+    // SAFETY: the attacker mapping is read-write and covers the page; the slot offset is
+    // 8-aligned inside it; an atomic store, as the subscriber itself would do.
+    let word = unsafe {
+        std::sync::atomic::AtomicU64::from_ptr(f.attacker.as_mut_ptr().add(off).cast::<u64>())
+    };
+    word.store(value, std::sync::atomic::Ordering::Release);
+}
+
+/// Publishes 96-byte records (128 bytes each) until the ring is full; returns how many.
+fn fill_ring(w: &mut Writer) -> usize {
+    let mut n = 0;
+    while publish(w, 96).is_ok() {
+        n += 1;
+        assert!(n < 1000, "reliable ring never filled");
+    }
+    n
+}
+
+#[test]
+fn honest_cursor_at_a_committed_record_blocks_a_reliable_writer() {
+    let mut f = cursor_fixture();
+    set_cursor(&f, 0);
+    assert_eq!(
+        fill_ring(&mut f.writer),
+        32,
+        "a cursor at record 0 holds one ring"
+    );
+    // Move the cursor to the third record: exactly two records of room.
+    set_cursor(&f, 256);
+    publish(&mut f.writer, 96).unwrap();
+    publish(&mut f.writer, 96).unwrap();
+    assert_eq!(publish(&mut f.writer, 96), Err(LoanError::WouldBlock));
+    // A cursor at next_pos (caught up) frees the whole ring.
+    let next = 34 * 128;
+    set_cursor(&f, next);
+    assert_eq!(fill_ring(&mut f.writer), 32);
+}
+
+#[test]
+fn lying_cursors_do_not_hold_a_reliable_writer_back() {
+    // Each lie is set after the ring has filled once behind an honest cursor at 0 and that
+    // cursor moved to record 2 (so the window is [256, 4352] after two more records).
+    type Lie = (&'static str, fn(u64) -> u64);
+    let lies: [Lie; 5] = [
+        ("behind the window", |_| 0),
+        ("ahead of next_pos", |next| next + 128),
+        ("misaligned", |_| 256 + 8),
+        ("mid-record (aligned, no record starts there)", |_| 256 + 64),
+        ("far ahead", |_| u64::MAX - 1),
+    ];
+    for (what, lie) in lies {
+        let mut f = cursor_fixture();
+        set_cursor(&f, 0);
+        assert_eq!(fill_ring(&mut f.writer), 32);
+        set_cursor(&f, 256);
+        publish(&mut f.writer, 96).unwrap();
+        publish(&mut f.writer, 96).unwrap();
+        assert_eq!(publish(&mut f.writer, 96), Err(LoanError::WouldBlock));
+        let next = 34 * 128;
+        // Two more laps: nothing holds the writer now (a lying reader only hurts itself). The
+        // lie is renewed relative to the writer's position before each record (a value ahead
+        // of next_pos becomes a real record once the writer gets there).
+        for k in 0..64 {
+            let value = lie(next + k * 128);
+            set_cursor(&f, value);
+            publish(&mut f.writer, 96).unwrap_or_else(|e| {
+                panic!("cursor {what} ({value}) held the writer at record {k}: {e}")
+            });
+        }
+    }
+}
+
+/// A subscriber that changes its lie all the time (a new value on every publish, some of
+/// them honest-looking but never a record boundary) never blocks the writer: it runs laps.
+#[test]
+fn cursor_that_keeps_changing_its_lie_does_not_block_the_writer() {
+    let mut f = cursor_fixture();
+    for i in 0..3 * 32u64 {
+        let next = i * 128;
+        let lie = match i % 4 {
+            // Behind the window once there is one; ahead of next_pos before.
+            0 => next.checked_sub(4096 + 128).unwrap_or(next + 128),
+            1 => next + 64,
+            // Mid-record (records are 128 bytes at multiples of 128).
+            2 => next.saturating_sub(64).max(64),
+            _ => next + 4096,
+        };
+        set_cursor(&f, lie);
+        publish(&mut f.writer, 96)
+            .unwrap_or_else(|e| panic!("record {i}: cursor {lie} held the writer: {e}"));
+    }
+}
+
+#[test]
+fn reader_committed_record_at_tells_record_boundaries() {
+    let mut f = fixture(Mode::Reliable, 4096, false);
+    assert!(!f.reader.committed_record_at(0), "nothing committed yet");
+    publish(&mut f.writer, 96).unwrap();
+    publish(&mut f.writer, 96).unwrap();
+    assert!(f.reader.committed_record_at(0));
+    assert!(f.reader.committed_record_at(128));
+    assert!(!f.reader.committed_record_at(64), "mid-record");
+    assert!(!f.reader.committed_record_at(8), "misaligned");
+    assert!(
+        !f.reader.committed_record_at(256),
+        "next_pos: not committed yet"
+    );
+    assert!(
+        !f.reader.committed_record_at(4096),
+        "the same offset one lap later"
+    );
+    assert!(!f.reader.committed_record_at(u64::MAX), "no overflow");
+    assert!(!f.reader.committed_record_at(u64::MAX - 63));
+}
