@@ -5,8 +5,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bus_client::{
-    Bus, BusOptions, ModeRequest, SubscriberOptions, TopicOptions, Transport, WaitStrategy,
+    Bus, BusOptions, ModeRequest, PublishError, Publisher, RecvError, SubscriberOptions,
+    TopicOptions, Transport, WaitStrategy,
 };
+use bus_core::frame::MAX_FALLBACK_MESSAGE_BYTES;
+use bus_core::limits::MAX_FRAME_BYTES;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
@@ -108,8 +111,50 @@ pub struct PubArgs {
     conn: ConnArgs,
 }
 
+/// The topic name, checked before anything is sent: the broker would refuse it, and a name too
+/// long for a frame does not even reach it.
+fn check_topic(topic: &str) -> Result<()> {
+    bus_core::naming::validate_topic(topic).map_err(|e| {
+        anyhow::anyhow!(
+            "'{}' is not a topic name: {e}; a topic name is 1 to {} bytes of segments separated \
+             by single dots, each made of A-Z a-z 0-9 _ - (e.g. sensors.imu-0)",
+            shorten(topic),
+            bus_core::limits::MAX_TOPIC_BYTES
+        )
+    })
+}
+
+/// `text`, cut to 40 characters for an error message.
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_owned(),
+    }
+}
+
+/// The error of a failed publish, with advice that fits this publisher.
+fn publish_failed<T>(e: PublishError<T>, publisher: &Publisher) -> anyhow::Error {
+    match e {
+        // A datagram publisher is capped by what one DELIVER frame carries, whatever the topic
+        // allows: raising the topic's max_message_bytes cannot help, shared memory can.
+        PublishError::TooLarge { len, max }
+            if !publisher.is_shared_memory() && max >= MAX_FALLBACK_MESSAGE_BYTES =>
+        {
+            anyhow::anyhow!(
+                "publish failed: the message is {len} bytes, and the datagram fallback carries at \
+                 most {MAX_FALLBACK_MESSAGE_BYTES} bytes per message (one frame of at most \
+                 {MAX_FRAME_BYTES} bytes); no max_message_bytes setting changes that: publish \
+                 through shared memory (without --fallback) to send larger messages, or split \
+                 them"
+            )
+        }
+        e => anyhow::anyhow!("publish failed: {e}"),
+    }
+}
+
 /// Runs `bus pub`.
 pub fn run_pub(a: PubArgs) -> Result<()> {
+    check_topic(&a.topic)?;
     let bus = a.conn.connect("bus pub")?;
     let opts = TopicOptions::new()
         .mode(a.mode.into())
@@ -126,9 +171,10 @@ pub fn run_pub(a: PubArgs) -> Result<()> {
                     std::hint::spin_loop();
                 }
             }
-            let mut loan = publisher
-                .loan(a.size)
-                .map_err(|e| anyhow::anyhow!("publish failed: {e}"))?;
+            let mut loan = match publisher.loan(a.size) {
+                Ok(loan) => loan,
+                Err(e) => return Err(publish_failed(e, &publisher)),
+            };
             let b = (i as u8).wrapping_mul(31);
             loan.fill(b);
             if loan.len() >= 8 {
@@ -146,17 +192,17 @@ pub fn run_pub(a: PubArgs) -> Result<()> {
         );
     } else if !a.messages.is_empty() {
         for m in &a.messages {
-            publisher
-                .send(m.as_bytes())
-                .map_err(|e| anyhow::anyhow!("publish failed: {e}"))?;
+            if let Err(e) = publisher.send(m.as_bytes()) {
+                return Err(publish_failed(e, &publisher));
+            }
         }
     } else {
         let stdin = std::io::stdin();
         for line in stdin.lock().lines() {
             let line = line.context("read standard input")?;
-            publisher
-                .send(line.as_bytes())
-                .map_err(|e| anyhow::anyhow!("publish failed: {e}"))?;
+            if let Err(e) = publisher.send(line.as_bytes()) {
+                return Err(publish_failed(e, &publisher));
+            }
         }
     }
     Ok(())
@@ -203,12 +249,25 @@ pub struct SubArgs {
     conn: ConnArgs,
 }
 
+/// For a receive error that concerns one publisher only (the subscriber keeps working):
+/// `Some(Some(line))` to print on stderr, `Some(None)` to retry silently. `None`: fatal.
+fn skippable(e: &RecvError) -> Option<Option<String>> {
+    match e {
+        RecvError::BadRing { .. } => Some(Some(format!(
+            "bus sub: warning: {e}; still reading the other publishers"
+        ))),
+        RecvError::Lapped { .. } => Some(None),
+        _ => None,
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Runs `bus sub`.
 pub fn run_sub(a: SubArgs) -> Result<()> {
+    check_topic(&a.topic)?;
     let bus = a.conn.connect("bus sub")?;
     let opts = SubscriberOptions::new()
         .mode(a.mode.into())
@@ -221,12 +280,25 @@ pub fn run_sub(a: SubArgs) -> Result<()> {
     let mut lost = 0u64;
     let idle = (a.idle_timeout > 0.0).then(|| Duration::from_secs_f64(a.idle_timeout));
     while a.count.is_none_or(|c| n < c) {
-        let sample = match idle {
-            Some(t) => match sub.recv_timeout(t)? {
-                Some(s) => s,
-                None => break,
+        let received = match idle {
+            Some(t) => sub.recv_timeout(t),
+            None => sub.recv().map(Some),
+        };
+        let sample = match received {
+            Ok(Some(s)) => s,
+            Ok(None) => break,
+            Err(e) => match skippable(&e) {
+                // One publisher's ring is bad (the library drops it and keeps reading the
+                // others), or a lossy read raced the writer: say so and read on.
+                Some(warning) => {
+                    if let Some(w) = warning {
+                        out.flush()?;
+                        eprintln!("{w}");
+                    }
+                    continue;
+                }
+                None => return Err(e.into()),
             },
-            None => sub.recv()?,
         };
         n += 1;
         lost += sample.lost_before();

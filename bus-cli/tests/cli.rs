@@ -2,7 +2,7 @@
 //! `bus pub` / `bus sub` / `bus stat` processes, and `bus demo`.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,12 +16,22 @@ struct Broker {
 
 impl Broker {
     fn start() -> Broker {
+        Broker::start_with("auto", "")
+    }
+
+    /// A broker on `driver` (`auto`, `epoll`, `uring`) with `config` as its config file.
+    fn start_with(driver: &str, config: &str) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("bus.sock");
+        let config_file = dir.path().join("broker.toml");
+        std::fs::write(&config_file, config).unwrap();
         let mut child = Command::new(BUS)
             .args(["broker", "--socket"])
             .arg(&socket)
+            .arg("--config")
+            .arg(&config_file)
             .env("MEMBUS_LOG", "warn")
+            .env("MEMBUS_DRIVER", driver)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -228,4 +238,446 @@ fn demo_prints_percentiles_and_leaves_nothing_behind() {
         .collect();
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
     assert_eq!(demo_dirs(), before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hostile publisher among honest ones: `bus sub` warns and keeps reading.
+
+/// How long a step may take before a test fails (generous: CI machines are shared).
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A shared-memory publisher speaking the protocol by hand (bus_core's codec and ring), so that
+/// it can spoil its own ring in ways the client library never would.
+struct RawPublisher {
+    sock: std::os::fd::OwnedFd,
+    ring: std::os::fd::OwnedFd,
+    grant: bus_core::frame::RingGranted,
+    writer: bus_core::ring::Writer,
+    /// A second read-write mapping of the ring, made before PUBLISHER_READY (afterwards the
+    /// broker's seal refuses new writable mappings).
+    spare: Option<bus_core::segment::RingMapping>,
+    next_rid: u64,
+}
+
+impl RawPublisher {
+    /// HELLO, CREATE_PUBLISHER (shared memory) on `topic`, maps the ring and initialises it;
+    /// does not send PUBLISHER_READY yet.
+    fn create(socket: &Path, topic: &str) -> RawPublisher {
+        use bus_core::frame::{CreatePublisher, Hello, ModeRequest, Msg, Transport};
+        use bus_core::ring::{RingConfig, Writer};
+        use bus_core::segment::{Access, map_ring};
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketType, sockopt};
+
+        let sock = rustix::net::socket(AddressFamily::UNIX, SocketType::SEQPACKET, None).unwrap();
+        rustix::net::connect(&sock, &SocketAddrUnix::new(socket).unwrap()).unwrap();
+        sockopt::set_socket_timeout(&sock, sockopt::Timeout::Recv, Some(DEADLINE)).unwrap();
+        let hello = Hello {
+            protocol_version: 1,
+            transport: Transport::Shm,
+            client_name: "hostile",
+        };
+        let (reply, _) = call(&sock, 1, Msg::Hello(hello));
+        assert!(
+            matches!(decode(&reply), Msg::Welcome(_)),
+            "{:?}",
+            decode(&reply)
+        );
+        let create = CreatePublisher {
+            ring_data_bytes: 0,
+            max_message_bytes: 0,
+            mode: ModeRequest::Any,
+            transport: Transport::Shm,
+            topic,
+        };
+        let (reply, mut fds) = call(&sock, 2, Msg::CreatePublisher(create));
+        let Msg::RingGranted(grant) = decode(&reply) else {
+            panic!("expected RING_GRANTED, got {:?}", decode(&reply));
+        };
+        let ring = fds.pop().expect("the ring fd");
+        let data_bytes = grant.data_bytes as usize;
+        let cfg = RingConfig {
+            mode: grant.mode,
+            data_bytes: grant.data_bytes,
+            max_message_bytes: grant.max_message_bytes,
+            publisher_id: grant.publisher_id,
+        };
+        let map = map_ring(&ring, data_bytes, Access::ReadWrite).unwrap();
+        let writer = Writer::create(map, cfg).unwrap();
+        let spare = Some(map_ring(&ring, data_bytes, Access::ReadWrite).unwrap());
+        RawPublisher {
+            sock,
+            ring,
+            grant,
+            writer,
+            spare,
+            next_rid: 3,
+        }
+    }
+
+    fn publisher_id(&self) -> u64 {
+        self.grant.publisher_id
+    }
+
+    /// PUBLISHER_READY -> OK: the broker checks the header and seals the ring.
+    fn ready(&mut self) {
+        let id = self.publisher_id();
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        let (reply, _) = call(
+            &self.sock,
+            rid,
+            bus_core::frame::Msg::PublisherReady { publisher_id: id },
+        );
+        assert!(
+            matches!(decode(&reply), bus_core::frame::Msg::Ok),
+            "{:?}",
+            decode(&reply)
+        );
+    }
+
+    /// Publishes one well-formed message.
+    fn publish(&mut self, payload: &[u8]) {
+        let mut loan = self.writer.try_loan(payload.len()).unwrap();
+        loan.copy_from_slice(payload);
+        loan.commit();
+    }
+
+    /// Writes a committed record header at ring position `pos` whose length is far beyond the
+    /// ring's maximum. Through the memfd, so only before PUBLISHER_READY (the broker's
+    /// F_SEAL_FUTURE_WRITE refuses writes afterwards).
+    fn plant_bad_record(&self, pos: u64) {
+        use bus_core::layout::{RECORD_KIND_MESSAGE, RING_HEADER_BYTES, RecordHeader};
+        let mut header = Vec::new();
+        header.extend_from_slice(&(pos + 1).to_le_bytes()); // commit word: committed
+        header.extend_from_slice(&1u64.to_le_bytes()); // seq: the second record
+        header.extend_from_slice(&0u64.to_le_bytes()); // timestamp
+        let meta = RecordHeader::pack_meta(0xffff_fff0, RECORD_KIND_MESSAGE, 0);
+        header.extend_from_slice(&meta.to_le_bytes());
+        let at = RING_HEADER_BYTES as u64 + pos;
+        assert_eq!(
+            rustix::io::pwrite(&self.ring, &header, at).unwrap(),
+            header.len()
+        );
+    }
+
+    /// After PUBLISHER_READY: rewrites the ring header through the spare writable mapping,
+    /// with a max_message_bytes that no longer matches the grant (a subscriber attaching from
+    /// now on must refuse the ring).
+    fn rewrite_header(&mut self) {
+        use bus_core::ring::{RingConfig, Writer};
+        let cfg = RingConfig {
+            mode: self.grant.mode,
+            data_bytes: self.grant.data_bytes,
+            max_message_bytes: self.grant.max_message_bytes / 2,
+            publisher_id: self.grant.publisher_id,
+        };
+        let spare = self.spare.take().expect("the spare mapping");
+        // The writer is dropped at once: its job was to write the header.
+        drop(Writer::create(spare, cfg).unwrap());
+    }
+}
+
+/// Sends a request on `sock` and returns its reply (events in between are dropped, their fds
+/// closed).
+fn call(
+    sock: &std::os::fd::OwnedFd,
+    rid: u64,
+    msg: bus_core::frame::Msg<'_>,
+) -> (Vec<u8>, Vec<std::os::fd::OwnedFd>) {
+    use bus_core::frame::Frame;
+    use bus_core::sys::scm::{FdBatch, Received, recv_frame, send_frame};
+    use std::os::fd::AsFd;
+    let mut bytes = Vec::new();
+    Frame::new(rid, msg).encode(&mut bytes).unwrap();
+    send_frame(sock.as_fd(), &bytes, &[]).unwrap();
+    let mut buf = vec![0u8; bus_core::limits::MAX_FRAME_BYTES];
+    loop {
+        let mut fds = FdBatch::new();
+        let len = match recv_frame(sock.as_fd(), &mut buf, &mut fds) {
+            Ok(Received::Frame { len }) => len,
+            Ok(Received::Eof) => panic!("the broker closed the connection"),
+            Err(e) => panic!("no reply from the broker: {e}"),
+        };
+        if Frame::decode(&buf[..len]).unwrap().request_id == rid {
+            let owned = (0..fds.len()).filter_map(|i| fds.take(i)).collect();
+            return (buf[..len].to_vec(), owned);
+        }
+    }
+}
+
+fn decode(bytes: &[u8]) -> bus_core::frame::Msg<'_> {
+    bus_core::frame::Frame::decode(bytes).unwrap().msg
+}
+
+/// Lines of a child's stderr, as they come.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The next stderr line, or a panic naming `what` (and what came instead).
+fn next_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    what: &str,
+    seen: &mut Vec<String>,
+) -> String {
+    match lines.recv_timeout(DEADLINE) {
+        Ok(line) => {
+            seen.push(line.clone());
+            line
+        }
+        Err(_) => panic!("no stderr line ({what}) from bus sub; it wrote: {seen:?}"),
+    }
+}
+
+/// One publisher with a ring header rewritten after PUBLISHER_READY (refused when `bus sub`
+/// attaches) and one that commits garbage after a good record (found while reading): `bus sub`
+/// names each on stderr, once, and goes on printing the honest publisher's messages.
+#[test]
+fn sub_warns_about_a_hostile_ring_and_keeps_reading() {
+    let b = Broker::start();
+    let topic = "cli.hostile";
+
+    // Rewrites its header once the broker has checked it.
+    let mut rewriter = RawPublisher::create(&b.socket, topic);
+    rewriter.ready();
+    rewriter.rewrite_header();
+
+    let mut sub = b
+        .bus()
+        // Spinning: the hand-made publisher sends no wake-ups to a parked subscriber.
+        .args([
+            "sub",
+            topic,
+            "--count",
+            "4",
+            "--idle-timeout",
+            "20",
+            "--wait",
+            "spin",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut sub);
+    let mut seen = Vec::new();
+    let warning = next_line(&lines, "the rewritten header", &mut seen);
+    assert!(
+        warning.starts_with("bus sub: warning: ")
+            && warning.contains(&format!("publisher {}", rewriter.publisher_id()))
+            && warning.contains("header mismatch")
+            && warning.contains("still reading"),
+        "{warning}"
+    );
+    wait_for_subscriber(&b, topic);
+
+    // One good record, then a committed record whose length is absurd.
+    let mut garbler = RawPublisher::create(&b.socket, topic);
+    let record = bus_core::layout::record_bytes(b"raw-ok".len()) as u64;
+    garbler.plant_bad_record(record);
+    garbler.ready();
+    garbler.publish(b"raw-ok");
+    let warning = next_line(&lines, "the garbage record", &mut seen);
+    assert!(
+        warning.starts_with("bus sub: warning: ")
+            && warning.contains(&format!("publisher {}", garbler.publisher_id()))
+            && warning.contains("LengthTooLarge")
+            && warning.contains("still reading"),
+        "{warning}"
+    );
+
+    // The honest publisher is still heard.
+    let status = b
+        .bus()
+        .args(["pub", topic, "honest-1", "honest-2", "honest-3"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = sub.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}, stderr so far: {seen:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "raw-ok\nhonest-1\nhonest-2\nhonest-3\n"
+    );
+    // Each bad ring was reported once.
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert!(rest.iter().all(|l| !l.contains("warning")), "{rest:?}");
+    drop((rewriter, garbler));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A broker at max_clients: the client reports the broker's reason, every time.
+
+fn limit_reached_at_connect_names_the_limit(driver: &str) {
+    use bus_client::{Bus, ConnectError, ErrorCode};
+    let b = Broker::start_with(driver, "[limits]\nmax_clients = 2\n");
+    let _one = Bus::connect(&b.socket).expect("first client");
+    let _two = Bus::connect(&b.socket).expect("second client");
+    for round in 0..50 {
+        match Bus::connect(&b.socket) {
+            Err(ConnectError::Refused { error, .. }) => {
+                assert_eq!(
+                    error.code,
+                    ErrorCode::LimitReached,
+                    "round {round}: {error}"
+                );
+                assert!(
+                    error.message.contains("limits.max_clients"),
+                    "round {round}: {error}"
+                );
+            }
+            Err(other) => panic!("round {round}: not the broker's refusal: {other}"),
+            Ok(_) => panic!("round {round}: a third client was let in"),
+        }
+    }
+    // And the command line says so too.
+    let out = b.bus().args(["pub", "cli.full", "x"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("limit-reached") && err.contains("limits.max_clients"),
+        "{err}"
+    );
+}
+
+#[test]
+fn limit_reached_at_connect_names_the_limit_epoll() {
+    limit_reached_at_connect_names_the_limit("epoll");
+}
+
+#[test]
+fn limit_reached_at_connect_names_the_limit_uring() {
+    limit_reached_at_connect_names_the_limit("uring");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages that name the fix.
+
+#[test]
+fn overlong_topic_is_reported_once_with_the_naming_rule() {
+    let b = Broker::start();
+    let topic = "a".repeat(256);
+    for args in [vec!["pub", &topic, "x"], vec!["sub", &topic]] {
+        let out = b.bus().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert_eq!(err.matches("256 bytes").count(), 1, "said once: {err}");
+        assert!(err.contains("the limit is 255 bytes"), "{err}");
+    }
+}
+
+#[test]
+fn bad_topic_name_states_the_rule_not_a_denial() {
+    let b = Broker::start();
+    let out = b.bus().args(["pub", "a b", "x"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a topic name"), "{err}");
+    assert!(err.contains("A-Z a-z 0-9 _ -"), "names the rule: {err}");
+    assert!(!err.contains("may not"), "reads like a denial: {err}");
+}
+
+#[test]
+fn fallback_message_over_the_datagram_limit_advises_shared_memory() {
+    let b = Broker::start();
+    let out = b
+        .bus()
+        .args([
+            "pub",
+            "cli.big",
+            "--fallback",
+            "--count",
+            "1",
+            "--size",
+            "70000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("65472"), "names the datagram limit: {err}");
+    assert!(
+        err.contains("shared memory"),
+        "advises shared memory: {err}"
+    );
+    assert!(
+        !err.contains("larger max_message_bytes"),
+        "advice that cannot help: {err}"
+    );
+}
+
+#[test]
+fn broker_in_a_shared_sticky_directory_advises_a_private_one() {
+    // /tmp's shape: world-writable and sticky, owned by someone (here: us).
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = Command::new(BUS)
+        .args(["broker", "--socket"])
+        .arg(shared.join("bus.sock"))
+        .env("MEMBUS_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("chmod go-w"),
+        "a shared directory is meant to be writable: {err}"
+    );
+    let private = shared.join(format!("membus-{}", rustix::process::geteuid().as_raw()));
+    assert!(
+        err.contains("private directory")
+            && err.contains(&format!("{}/bus.sock", private.display())),
+        "{err}"
+    );
+    // The advice works: the broker creates that directory and starts there.
+    let mut child = Command::new(BUS)
+        .args(["broker", "--socket"])
+        .arg(private.join("bus.sock"))
+        .env("MEMBUS_LOG", "off")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening on"), "{line:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn config_value_of_the_wrong_type_names_key_type_and_example() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "[limits]\nmax_clients = \"many\"\n").unwrap();
+    let out = Command::new(BUS)
+        .args(["broker", "--socket"])
+        .arg(dir.path().join("bus.sock"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("limits.max_clients"), "names the key: {err}");
+    assert!(err.contains("whole number"), "names the type: {err}");
+    assert!(
+        err.contains("max_clients = 16384"),
+        "gives an example: {err}"
+    );
 }

@@ -1,6 +1,7 @@
 //! [`Bus`]: one connection to the broker.
 
 use std::ffi::OsStr;
+use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -112,11 +113,6 @@ impl Bus {
             path: path.clone(),
             source,
         })?;
-        let client = Client {
-            shared: shared.clone(),
-            transport: options.transport,
-            thread: Mutex::new(Some(thread)),
-        };
         let transport = match options.transport {
             Transport::Datagram => bus_core::frame::Transport::Datagram,
             Transport::Auto | Transport::SharedMemory => bus_core::frame::Transport::Shm,
@@ -129,20 +125,56 @@ impl Bus {
                 bus_core::limits::MAX_CLIENT_NAME_BYTES,
             ),
         });
-        let reply = shared.request(hello).map_err(|e| match e {
-            RequestError::Gone(reason) => ConnectError::Closed {
-                path: path.clone(),
-                reason,
-            },
-            RequestError::Timeout(after) => ConnectError::Timeout {
-                path: path.clone(),
-                after,
-            },
-            RequestError::Io(source) => ConnectError::Io {
-                path: path.clone(),
-                source,
-            },
-        })?;
+        let refused = |error: BrokerError| ConnectError::Refused {
+            path: path.clone(),
+            error,
+        };
+        let reply = match shared.request(hello) {
+            Ok(reply) => reply,
+            Err(RequestError::Timeout(after)) => {
+                shared.shutdown();
+                let _ = thread.join();
+                return Err(ConnectError::Timeout {
+                    path: path.clone(),
+                    after,
+                });
+            }
+            Err(e) => {
+                // The broker closed the connection: sending HELLO failed (EPIPE, or ECONNRESET
+                // if it closed with our HELLO unread) or the control thread saw the end. A
+                // broker that refuses a client (limit-reached) sends ERROR first, and that
+                // frame is still queued on our socket after the failed send: the control
+                // thread reads it before it sees end of stream, so wait for the thread to end
+                // (the broker's end is closed, so it does) and report the broker's reason.
+                let closed = matches!(&e, RequestError::Gone(_))
+                    || matches!(&e, RequestError::Io(io) if matches!(
+                        io.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    ));
+                if !closed {
+                    shared.shutdown();
+                }
+                let _ = thread.join();
+                if let Some(error) = lock(&shared.refusal).take() {
+                    return Err(refused(error));
+                }
+                return Err(match e {
+                    RequestError::Io(source) if !closed => ConnectError::Io {
+                        path: path.clone(),
+                        source,
+                    },
+                    _ => ConnectError::Closed {
+                        path: path.clone(),
+                        reason: shared.gone_reason(),
+                    },
+                });
+            }
+        };
+        let client = Client {
+            shared: shared.clone(),
+            transport: options.transport,
+            thread: Mutex::new(Some(thread)),
+        };
         match reply.msg() {
             Msg::Welcome(w) => {
                 *lock(&shared.welcome) = Some(Welcome {
@@ -152,13 +184,10 @@ impl Bus {
                 });
             }
             Msg::Error(e) => {
-                return Err(ConnectError::Refused {
-                    path,
-                    error: BrokerError {
-                        code: e.code,
-                        message: e.message.to_owned(),
-                    },
-                });
+                return Err(refused(BrokerError {
+                    code: e.code,
+                    message: e.message.to_owned(),
+                }));
             }
             other => {
                 return Err(ConnectError::Closed {

@@ -284,6 +284,9 @@ pub(crate) struct Shared {
     gone_reason: Mutex<String>,
     stopping: AtomicBool,
     pub welcome: Mutex<Option<Welcome>>,
+    /// The first unsolicited ERROR (request id 0) the broker sent: at connect, why it refused
+    /// us (e.g. `limit-reached`) before closing.
+    pub refusal: Mutex<Option<BrokerError>>,
 }
 
 /// Why a request got no reply.
@@ -306,6 +309,7 @@ impl Shared {
             gone_reason: Mutex::new(String::new()),
             stopping: AtomicBool::new(false),
             welcome: Mutex::new(None),
+            refusal: Mutex::new(None),
         }
     }
 
@@ -451,6 +455,10 @@ fn control_loop(shared: &Shared) {
                 if let bus_core::sys::scm::RecvError::Io(io) = &e {
                     match io.kind() {
                         io::ErrorKind::Interrupted => continue,
+                        // The broker closed its end with our frames unread (it refused us at
+                        // connect). Linux reports that once, as ECONNRESET, ahead of the frames
+                        // it sent before closing (its ERROR): read on, EOF follows them.
+                        io::ErrorKind::ConnectionReset => continue,
                         _ => break format!("control socket error: {io}"),
                     }
                 }
@@ -578,7 +586,12 @@ fn dispatch(shared: &Shared, datagram: &[u8], fds: &mut FdBatch) {
             s.reason, s.message
         )),
         Msg::Error(e) => {
-            // An unsolicited error precedes a disconnect (handshake timeout, protocol error).
+            // An unsolicited error precedes a disconnect (handshake timeout, protocol error,
+            // a refusal at connect).
+            lock(&shared.refusal).get_or_insert_with(|| BrokerError {
+                code: e.code,
+                message: e.message.to_owned(),
+            });
             let reason = match e.code {
                 ErrorCode::Timeout => format!("the broker timed us out: {}", e.message),
                 code => format!("the broker reported {code}: {}", e.message),

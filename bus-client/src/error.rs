@@ -48,7 +48,7 @@ pub enum ConnectError {
         reason: String,
     },
     /// The broker answered HELLO with an error.
-    #[error("the broker at {path} refused the connection: {error}")]
+    #[error("the broker at {path} refused the connection ({}): {}", error.code, error.message)]
     Refused {
         /// The socket.
         path: String,
@@ -143,8 +143,10 @@ pub enum PublishError<T> {
     },
     /// The message is larger than the topic allows.
     #[error(
-        "message of {len} bytes exceeds this topic's maximum of {max} bytes; create the topic \
-         with a larger max_message_bytes (and ring), or split the message"
+        "message of {len} bytes exceeds this publisher's maximum of {max} bytes; create the \
+         topic with a larger max_message_bytes (and ring), or split the message (a datagram \
+         publisher is also capped at 65472 bytes, what one frame carries: use shared memory \
+         for larger messages)"
     )]
     TooLarge {
         /// The message's length.
