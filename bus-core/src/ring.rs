@@ -23,6 +23,15 @@
 //!   the slowest cursor and rescans the cursor pages only when that cached value says the ring is
 //!   full, so publish cost does not grow with subscribers. It also keeps `claim` at or below
 //!   `slowest + data_bytes`, so a reliable reader is never told it was lapped when it was not.
+//!   A cursor holds the writer back only if it is a record boundary the writer can prove in
+//!   its own ring (`next_pos`, or a committed record inside the window): a subscriber that
+//!   lies about its cursor only hurts itself.
+//! * **Progress.** When [`Reader::has_pending`] or [`Reader::has_record`] says true, the next
+//!   [`Reader::try_recv`] returns a sample, returns an error, or moves the reader forward. A
+//!   ring state no honest writer can produce (a claim beyond what it could have raised given
+//!   its `next_pos`, an implausible `next_pos`, a resync that would not move) makes the ring
+//!   corrupt ([`RecvError::Corrupt`]), and a corrupt ring is skipped from then on; so no
+//!   caller's poll loop can spin on a ring, and every call does bounded work.
 //! * **Wakeups.** After each commit the writer runs the park check of [`crate::wake`].
 //!
 //! # Trust
