@@ -110,28 +110,6 @@ pub fn ring_size_overflow(driver: &str) {
             }),
         ),
         (
-            "max_message_bytes over the fallback limit",
-            Box::new(|_, d, t| {
-                d.request(create(
-                    1 << 20,
-                    100_000,
-                    ModeRequest::Any,
-                    Transport::Datagram,
-                    t,
-                ))
-            }),
-        ),
-        (
-            "ring below the minimum",
-            Box::new(|s, _, t| s.request(create(1000, 0, ModeRequest::Any, Transport::Shm, t))),
-        ),
-        (
-            "ring not a power of two",
-            Box::new(|s, _, t| {
-                s.request(create(65536 + 64, 0, ModeRequest::Any, Transport::Shm, t))
-            }),
-        ),
-        (
             "shm publisher on a datagram connection",
             Box::new(|_, d, t| d.request(create(0, 0, ModeRequest::Any, Transport::Shm, t))),
         ),

@@ -59,5 +59,6 @@ per_driver!(
     item10_cursor_misaligned_does_not_block_publisher => |d| memory::publisher_not_blocked(d, Cursor::Misaligned),
     item10_cursor_mid_record_does_not_block_publisher => |d| memory::publisher_not_blocked(d, Cursor::MidRecord),
     item10_cursor_oscillating_does_not_block_publisher => |d| memory::publisher_not_blocked(d, Cursor::Oscillating),
+    item10_cursor_oscillating_fast_does_not_block_publisher => |d| memory::publisher_not_blocked(d, Cursor::OscillatingFast),
     item12_topic_names_239_to_255_bytes_work => limits::long_topic_names,
 );

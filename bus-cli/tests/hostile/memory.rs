@@ -109,7 +109,7 @@ fn cpu_while_waking(pid: u32, p: &mut HostilePub) -> f64 {
 }
 
 /// Max CPU share a process may use while nothing legitimate happens: a spin detector.
-const SPIN: f64 = 0.5;
+const SPIN: f64 = 0.25;
 
 fn frozen_ring_broker(driver: &str, topic: &str) -> Broker {
     let cfg = Config::new()
@@ -359,8 +359,11 @@ pub enum Cursor {
     Misaligned,
     /// Inside a record.
     MidRecord,
-    /// Alternating between two real record positions that both hold the writer back.
+    /// Alternating between two real record positions that both hold the writer back, flipping
+    /// every second (so a once-a-second sampler always sees it "move").
     Oscillating,
+    /// The same, flipping every 50 ms.
+    OscillatingFast,
 }
 
 /// Item 10: a reliable subscriber that lies about its cursor does not block an honest
@@ -400,7 +403,8 @@ pub fn publisher_not_blocked(driver: &str, how: Cursor) {
     liar.wait_rings(1);
     let slot = liar.rings[0].0.slot as usize;
     let mut tick = 0u64;
-    let end = Instant::now() + DEADLINE;
+    let started = Instant::now();
+    let end = started + DEADLINE;
     let mut evicted = false;
     while !publisher.is_finished() && Instant::now() < end {
         evicted |= liar.pump();
@@ -421,11 +425,18 @@ pub fn publisher_not_blocked(driver: &str, how: Cursor) {
             Cursor::MidRecord => holding
                 .first()
                 .map_or(np.saturating_sub(data), |s| s + 8 + 8 * (tick % 3)),
-            Cursor::Oscillating => match holding.len() {
-                0 => np.saturating_sub(data),
-                1 => holding[0],
-                _ => holding[(tick % 2) as usize],
-            },
+            Cursor::Oscillating | Cursor::OscillatingFast => {
+                let flip = if matches!(how, Cursor::Oscillating) {
+                    (started.elapsed().as_millis() / 1000) as u64
+                } else {
+                    tick
+                };
+                match holding.len() {
+                    0 => np.saturating_sub(data),
+                    1 => holding[0] + 64 * (flip % 2),
+                    _ => holding[(flip % 2) as usize],
+                }
+            }
         };
         liar.set_cursor(slot, v);
         tick += 1;
