@@ -426,15 +426,27 @@ pub fn publisher_not_blocked(driver: &str, how: Cursor) {
                 .first()
                 .map_or(np.saturating_sub(data), |s| s + 8 + 8 * (tick % 3)),
             Cursor::Oscillating | Cursor::OscillatingFast => {
+                // Three values that all hold the writer back, real record starts first. Flipped
+                // once a second, two samples 1..2 s apart never see the same one.
+                let lo = np.saturating_sub(data);
+                let mut vals = holding.clone();
+                let mut at = lo.next_multiple_of(64);
+                while vals.len() < 3 && at < need {
+                    if !vals.contains(&at) {
+                        vals.push(at);
+                    }
+                    at += 64;
+                }
+                vals.truncate(3);
                 let flip = if matches!(how, Cursor::Oscillating) {
                     (started.elapsed().as_millis() / 1000) as u64
                 } else {
                     tick
                 };
-                match holding.len() {
-                    0 => np.saturating_sub(data),
-                    1 => holding[0] + 64 * (flip % 2),
-                    _ => holding[(flip % 2) as usize],
+                if vals.is_empty() {
+                    lo
+                } else {
+                    vals[(flip % vals.len() as u64) as usize]
                 }
             }
         };
