@@ -111,23 +111,24 @@ fn cpu_while_waking(pid: u32, p: &mut HostilePub) -> f64 {
 /// Max CPU share a process may use while nothing legitimate happens: a spin detector.
 const SPIN: f64 = 0.25;
 
-fn frozen_ring_broker(driver: &str, topic: &str) -> Broker {
+fn frozen_ring_broker(driver: &str, topic: &str, lossy: bool) -> Broker {
+    let mode = if lossy { "lossy" } else { "reliable" };
     let cfg = Config::new()
         .limits("stall_timeout_ms = 300")
         .topic(&format!(
-            "name = \"{topic}\"\nmode = \"reliable\"\nring_bytes = 65536"
+            "name = \"{topic}\"\nmode = \"{mode}\"\nring_bytes = 65536"
         ));
     Start::new().config(cfg).run(driver)
 }
 
 /// Item 7: a ring with impossible header values does not freeze the broker (which reads it
 /// for a datagram subscriber): it answers new clients, stays off the CPU, exits on SIGTERM.
-pub fn broker_freeze(driver: &str, lie: Lie) {
+pub fn broker_freeze(driver: &str, lie: Lie, lossy: bool) {
     let topic = "item07.frozen";
-    let mut broker = frozen_ring_broker(driver, topic);
+    let mut broker = frozen_ring_broker(driver, topic, lossy);
     let mut rng = Rng::seeded(&format!("item07 {lie:?}"));
     let mut dsub = DgramSub::subscribe(&broker.socket, topic, ModeRequest::Any);
-    let mut p = HostilePub::create(&broker.socket, topic, 65536, ModeRequest::Reliable);
+    let mut p = HostilePub::create(&broker.socket, topic, 65536, ModeRequest::Any);
     p.publish(b"good message");
     let d = dsub.deliver();
     assert_eq!(
@@ -171,15 +172,15 @@ pub fn broker_freeze(driver: &str, lie: Lie) {
 
 /// Item 8: a `bus sub` (bus-client, default wait strategy) on a ring with impossible header
 /// values does not spin once it has drained the good message.
-pub fn reader_spin(driver: &str, lie: Lie) {
+pub fn reader_spin(driver: &str, lie: Lie, lossy: bool) {
     let topic = "item08.frozen";
-    let broker = frozen_ring_broker(driver, topic);
+    let broker = frozen_ring_broker(driver, topic, lossy);
     let mut rng = Rng::seeded(&format!("item08 {lie:?}"));
     let mut sub = bus_sub(&broker, topic, &[]);
     wait_until("bus sub is subscribed", || {
         ready_subscribers(&broker, topic) >= 1
     });
-    let mut p = HostilePub::create(&broker.socket, topic, 65536, ModeRequest::Reliable);
+    let mut p = HostilePub::create(&broker.socket, topic, 65536, ModeRequest::Any);
     p.wait_subscribers(1);
     p.publish(b"good message");
     wait_until("bus sub prints the good message", || {
