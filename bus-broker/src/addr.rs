@@ -28,10 +28,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use bus_core::frame::{Frame, Hello, Msg, PROTOCOL_VERSION, Transport};
 use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 
 /// Suffix of the lock file beside the socket (`bus.sock` -> `bus.sock.lock`).
 pub const LOCK_SUFFIX: &str = ".lock";
@@ -198,6 +200,22 @@ pub enum AddrError {
         mode: u32,
         /// Our uid.
         uid: u32,
+    },
+    /// The socket directory is a shared one such as `/tmp`: sticky and writable by others.
+    #[error(
+        "socket directory {} is a shared directory (mode {mode:04o}: others may create files in \
+         it; the sticky bit only stops them removing ours), so another user could create the \
+         socket or its lock file first; use a private directory inside it instead, e.g. \
+         --socket {}/bus.sock (the broker creates that directory with mode 0700)",
+        dir.display(), private.display()
+    )]
+    DirShared {
+        /// The directory.
+        dir: PathBuf,
+        /// Its mode.
+        mode: u32,
+        /// A private directory inside it to suggest (`DIR/membus-UID`).
+        private: PathBuf,
     },
     /// The socket directory is writable by group or others.
     #[error(
@@ -603,20 +621,34 @@ fn seqpacket_socket(flags: SocketFlags) -> Result<OwnedFd, Errno> {
     rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, flags, None)
 }
 
+/// How long binding an abstract name waits for the kernel to release it after its previous
+/// owner is gone (see [`abstract_owner_gone`]).
+pub const ABSTRACT_RELEASE_WAIT: Duration = Duration::from_millis(500);
+
 fn bind_abstract(name: &[u8]) -> Result<Listener, AddrError> {
     let shown = PathBuf::from(format!("@{}", String::from_utf8_lossy(name)));
     let addr = SocketAddrUnix::new_abstract_name(name).map_err(io_err("address", &shown))?;
-    let fd = seqpacket_socket(SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
-        .map_err(io_err("create a socket for", &shown))?;
-    match rustix::net::bind(&fd, &addr) {
-        Ok(()) => {}
-        Err(Errno::ADDRINUSE) => {
-            return Err(AddrError::AbstractInUse {
-                name: name.to_vec(),
-            });
+    let give_up = Instant::now() + ABSTRACT_RELEASE_WAIT;
+    let fd = loop {
+        let fd = seqpacket_socket(SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
+            .map_err(io_err("create a socket for", &shown))?;
+        match rustix::net::bind(&fd, &addr) {
+            Ok(()) => break fd,
+            Err(Errno::ADDRINUSE) => {
+                if Instant::now() < give_up && abstract_owner_gone(&addr, give_up) {
+                    tracing::debug!(
+                        socket = %shown.display(),
+                        "the previous owner of the name is gone: binding again"
+                    );
+                    continue;
+                }
+                return Err(AddrError::AbstractInUse {
+                    name: name.to_vec(),
+                });
+            }
+            Err(e) => return Err(io_err("bind", &shown)(e)),
         }
-        Err(e) => return Err(io_err("bind", &shown)(e)),
-    }
+    };
     rustix::net::listen(&fd, LISTEN_BACKLOG).map_err(io_err("listen on", &shown))?;
     tracing::warn!(
         socket = %shown.display(),
@@ -630,6 +662,71 @@ fn bind_abstract(name: &[u8]) -> Result<Listener, AddrError> {
         socket_id: None,
         activated: false,
     })
+}
+
+/// Whether the socket holding the abstract name `addr` has provably lost its owner. A broker
+/// that ran on io_uring and exited leaves its listening socket bound for a few milliseconds:
+/// the kernel tears the dead process's ring down in a worker, and until then the ring's accept
+/// op holds the socket, which still queues connections (so a connection probe alone cannot
+/// tell it from a live broker). We connect and say HELLO: a live broker accepts and answers
+/// (WELCOME or ERROR), any other live program answers or keeps the connection; the departed
+/// socket never accepts, and when the kernel releases it, it resets the queued connection.
+/// True on that reset (or a refused connect: bound but not listening); false on any answer,
+/// or on nothing before `deadline`.
+fn abstract_owner_gone(addr: &SocketAddrUnix, deadline: Instant) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let Ok(fd) = seqpacket_socket(SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) else {
+        return false;
+    };
+    match rustix::net::connect(&fd, addr) {
+        Ok(()) => {}
+        Err(Errno::CONNREFUSED) => return true,
+        Err(_) => return false,
+    }
+    let mut hello = Vec::new();
+    let encoded = Frame::new(
+        1,
+        Msg::Hello(Hello {
+            protocol_version: u16::from(PROTOCOL_VERSION),
+            transport: Transport::Datagram,
+            client_name: "bus-broker start-up probe",
+        }),
+    )
+    .encode(&mut hello);
+    if encoded.is_err() {
+        return false;
+    }
+    match rustix::net::send(&fd, &hello, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
+        Ok(_) => {}
+        Err(Errno::PIPE | Errno::CONNRESET) => return true,
+        Err(_) => return false,
+    }
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let timeout = Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+        let mut buf = [0u8; 64];
+        return match rustix::net::recv(&fd, &mut buf, RecvFlags::DONTWAIT) {
+            // An answer: someone lives there.
+            Ok((n, _)) if n > 0 => false,
+            // Reset (or closed) without a word: the socket went away with our connection queued.
+            Ok(_) | Err(Errno::CONNRESET) => true,
+            Err(Errno::AGAIN | Errno::INTR) => continue,
+            Err(_) => false,
+        };
+    }
 }
 
 fn file_kind(ty: FileType) -> &'static str {
@@ -688,6 +785,15 @@ fn prepare_dir(dir: &Path, opts: &BindOptions) -> Result<(), AddrError> {
     let stat = rustix::fs::fstat(&fd).map_err(io_err("stat socket directory", dir))?;
     let uid = rustix::process::geteuid().as_raw();
     let dir_mode = stat.st_mode & 0o7777;
+    if dir_mode & 0o1000 != 0 && dir_mode & 0o022 != 0 {
+        // /tmp and the like: `chmod go-w` is not the fix (they are shared on purpose), a
+        // private directory inside them is (the default path's fallback does the same).
+        return Err(AddrError::DirShared {
+            dir: dir.to_owned(),
+            mode: dir_mode,
+            private: dir.join(format!("membus-{uid}")),
+        });
+    }
     if stat.st_uid != uid {
         return Err(AddrError::DirOwner {
             dir: dir.to_owned(),

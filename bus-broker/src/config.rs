@@ -63,6 +63,97 @@ pub(crate) fn toml_error(e: &toml::de::Error) -> (usize, String) {
     )
 }
 
+/// [`toml_error`] for an error in `text`, where a value of the wrong type or out of range
+/// (`max_clients = "many"`) gets a message naming the key with its table, what it must be,
+/// and an example, instead of serde's bare "invalid type: string, expected u32".
+pub(crate) fn toml_error_in(text: &str, e: &toml::de::Error) -> (usize, String) {
+    let (offset, message) = toml_error(e);
+    let explained = explain_value_error(text, offset, &message);
+    (offset, explained.unwrap_or(message))
+}
+
+fn explain_value_error(text: &str, offset: usize, message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))?;
+    let (found, expected) = rest.split_once(", expected ")?;
+    let (table, key) = key_at(text, offset)?;
+    let full = if table.is_empty() {
+        key.clone()
+    } else {
+        format!("{table}.{key}")
+    };
+    let example = example_value(&key);
+    let what = match expected {
+        "u16" | "u32" | "u64" => format!("a whole number from 0 to {}", max_of(expected)),
+        "i64" => "a whole number".to_owned(),
+        "a boolean" | "bool" => "true or false".to_owned(),
+        other => other.to_owned(),
+    };
+    let example = match example {
+        Some(v) => v,
+        None if what.starts_with("a whole number") => "1024".to_owned(),
+        None => return Some(format!("`{full}` must be {what}, not {found}")),
+    };
+    Some(format!(
+        "`{full}` must be {what}, not {found}; e.g. `{key} = {example}`"
+    ))
+}
+
+fn max_of(ty: &str) -> u64 {
+    match ty {
+        "u16" => u64::from(u16::MAX),
+        "u32" => u64::from(u32::MAX),
+        _ => u64::MAX,
+    }
+}
+
+/// An example value for a config key (the defaults of `docs/broker.md`).
+fn example_value(key: &str) -> Option<String> {
+    let d = Limits::default();
+    Some(match key {
+        "max_clients" => d.max_clients.to_string(),
+        "max_topics" => d.max_topics.to_string(),
+        "max_publishers_per_topic" => d.max_publishers_per_topic.to_string(),
+        "max_subscribers_per_topic" => d.max_subscribers_per_topic.to_string(),
+        "default_ring_bytes" => d.default_ring_bytes.to_string(),
+        "max_ring_bytes" => d.max_ring_bytes.to_string(),
+        "max_queued_replies" => d.max_queued_replies.to_string(),
+        "handshake_timeout_ms" => d.handshake_timeout_ms.to_string(),
+        "stall_timeout_ms" => d.stall_timeout_ms.to_string(),
+        "ring_bytes" => "65536".to_owned(),
+        "max_message_bytes" => "4096".to_owned(),
+        "socket" => "\"/run/membus/bus.sock\"".to_owned(),
+        "policy" => "\"policy.toml\"".to_owned(),
+        "log" => "\"info\"".to_owned(),
+        "name" => "\"sensors.imu\"".to_owned(),
+        _ => return None,
+    })
+}
+
+/// The table (`limits`, `topic`, or "" at the top) and key of the `key = value` line holding
+/// byte `offset` of `text`.
+fn key_at(text: &str, offset: usize) -> Option<(String, String)> {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let (key, _) = text[line_start..offset].split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() {
+        return None;
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned())
+        .unwrap_or_default();
+    Some((table, key.to_owned()))
+}
+
 /// A TOML value that is a name (string) or a numeric id (integer).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum IdOrName {
@@ -434,7 +525,8 @@ impl Config {
                 reason,
             }
         };
-        let file: ConfigFile = toml::from_str(text).map_err(|e| invalid(toml_error(&e)))?;
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|e| invalid(toml_error_in(text, &e)))?;
         let base = path.parent().unwrap_or(Path::new(""));
         let relative = |p: &str| {
             if Path::new(p).is_absolute() {
@@ -876,6 +968,35 @@ stall_timeout_ms = 100
             invalid("[limits]\nstall_timeout_ms = 0\n")
                 .2
                 .contains("stall_timeout_ms")
+        );
+    }
+
+    #[test]
+    fn wrong_value_type_names_key_type_and_example() {
+        let (line, col, reason) = invalid("[limits]\nmax_clients = \"many\"\n");
+        assert_eq!((line, col), (2, 15), "{reason}");
+        assert!(
+            reason.contains("`limits.max_clients`"),
+            "names the key: {reason}"
+        );
+        assert!(
+            reason.contains("a whole number"),
+            "names the type: {reason}"
+        );
+        assert!(
+            reason.contains("max_clients = 16384"),
+            "gives an example: {reason}"
+        );
+        let (_, _, reason) = invalid("[limits]\nstall_timeout_ms = -5\n");
+        assert!(reason.contains("`limits.stall_timeout_ms`"), "{reason}");
+        assert!(reason.contains("stall_timeout_ms = 2000"), "{reason}");
+        let (_, _, reason) = invalid("[[topic]]\nname = \"a\"\nring_bytes = \"64k\"\n");
+        assert!(reason.contains("`topic.ring_bytes`"), "{reason}");
+        assert!(reason.contains("ring_bytes = 65536"), "{reason}");
+        let (_, _, reason) = invalid("log = 3\n");
+        assert!(
+            reason.contains("`log`") && reason.contains("log = \"info\""),
+            "{reason}"
         );
     }
 

@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{IdOrName, position, toml_error};
+use crate::config::{IdOrName, position, toml_error_in};
 
 /// Longest topic name, in bytes.
 pub use bus_core::limits::MAX_TOPIC_BYTES;
@@ -355,6 +355,10 @@ impl fmt::Display for Op {
     }
 }
 
+/// The naming rule, as the error for a bad topic name states it.
+pub const TOPIC_NAME_RULE: &str = "a topic name is 1 to 255 bytes of segments separated by \
+     single dots, each segment made of A-Z a-z 0-9 _ - (e.g. sensors.imu-0)";
+
 /// Why a request was denied; its `Display` is the message for the client's error frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Denied {
@@ -394,17 +398,23 @@ impl fmt::Display for Denied {
             uid,
             reason,
         } = self;
-        write!(f, "uid {uid} may not {op} to '{topic}' (")?;
         match reason {
-            DenyReason::NoRule { path } => {
-                write!(f, "policy {}: no rule allows it)", path.display())
-            }
+            DenyReason::NoRule { path } => write!(
+                f,
+                "uid {uid} may not {op} to '{topic}' (policy {}: no rule allows it)",
+                path.display()
+            ),
             DenyReason::NotBrokerUid { broker_uid } => write!(
                 f,
-                "default policy: only the broker's own uid {broker_uid} may publish or subscribe; \
-                 start the broker with a policy file to allow others)"
+                "uid {uid} may not {op} to '{topic}' (default policy: only the broker's own uid \
+                 {broker_uid} may publish or subscribe; start the broker with a policy file to \
+                 allow others)"
             ),
-            DenyReason::BadTopic(e) => write!(f, "{e})"),
+            // Not a permission question: say what a topic name is.
+            DenyReason::BadTopic(e) => write!(
+                f,
+                "cannot {op} to '{topic}': it is not a topic name ({e}); {TOPIC_NAME_RULE}"
+            ),
         }
     }
 }
@@ -461,6 +471,8 @@ struct RuleFile {
     publish: Vec<Spanned<String>>,
     #[serde(default)]
     subscribe: Vec<Spanned<String>>,
+    #[serde(default)]
+    stats: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -471,6 +483,8 @@ struct Rule {
     gids: Vec<u32>,
     publish: Vec<Pattern>,
     subscribe: Vec<Pattern>,
+    /// STATS shows these clients every topic and every client.
+    stats: bool,
 }
 
 impl Rule {
@@ -539,7 +553,7 @@ impl Policy {
             }
         };
         let file: PolicyFile = toml::from_str(text).map_err(|e| {
-            let (offset, reason) = toml_error(&e);
+            let (offset, reason) = toml_error_in(text, &e);
             invalid(offset, reason)
         })?;
         let mut rules = Vec::with_capacity(file.allow.len());
@@ -554,11 +568,11 @@ impl Policy {
                         .into(),
                 ));
             }
-            if rule.publish.is_empty() && rule.subscribe.is_empty() {
+            if rule.publish.is_empty() && rule.subscribe.is_empty() && !rule.stats {
                 return Err(invalid(
                     start,
                     "this [[allow]] rule allows nothing: add `publish = [...]` and/or \
-                     `subscribe = [...]` patterns"
+                     `subscribe = [...]` patterns, or `stats = true`"
                         .into(),
                 ));
             }
@@ -613,6 +627,7 @@ impl Policy {
                 gids,
                 publish: patterns(rule.publish)?,
                 subscribe: patterns(rule.subscribe)?,
+                stats: rule.stats,
             });
         }
         Ok(Policy {
@@ -692,6 +707,29 @@ impl Policy {
         }
     }
 
+    /// What STATS shows a client with `uid` and `gids`, for a broker running as `broker_uid`:
+    /// everything for root, the broker's own uid and clients a `stats = true` rule names;
+    /// otherwise only the topics it may publish or subscribe, and on those the identity (uid,
+    /// pid, command, name) only of its own uid's clients.
+    pub fn stats_scope(&self, uid: u32, gids: &[u32], broker_uid: u32) -> StatsScope {
+        let granted = match &self.source {
+            Source::Default { .. } => false,
+            Source::File { rules, .. } => rules.iter().any(|r| r.stats && r.applies_to(uid, gids)),
+        };
+        if uid == 0 || uid == broker_uid || granted {
+            StatsScope::All
+        } else {
+            StatsScope::Permitted
+        }
+    }
+
+    /// Whether STATS shows topic `topic` to a client whose scope is
+    /// [`StatsScope::Permitted`]: it may publish or subscribe to it.
+    pub fn may_see_topic(&self, topic: &str, uid: u32, gids: &[u32]) -> bool {
+        self.check(Op::Publish, topic, uid, gids).is_ok()
+            || self.check(Op::Subscribe, topic, uid, gids).is_ok()
+    }
+
     /// The line of the first rule that allows the request, for debug logs.
     pub fn allowing_rule_line(&self, op: Op, topic: &str, uid: u32, gids: &[u32]) -> Option<usize> {
         match &self.source {
@@ -706,6 +744,25 @@ impl Policy {
 
 fn id_in_range(id: i64) -> Option<u32> {
     u32::try_from(id).ok().filter(|&id| id != u32::MAX)
+}
+
+/// How much of the broker's state STATS shows a client ([`Policy::stats_scope`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatsScope {
+    /// Every topic and every client's identity.
+    All,
+    /// The topics the client may publish or subscribe; other uids' identities are hidden.
+    Permitted,
+}
+
+impl StatsScope {
+    /// The name in the STATS document (`"scope"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            StatsScope::All => "all",
+            StatsScope::Permitted => "permitted",
+        }
+    }
 }
 
 /// The live policy plus what is needed to reload it (on SIGHUP).
@@ -1019,6 +1076,46 @@ subscribe = ["public.*", "time"]
             DenyReason::BadTopic(TopicNameError::EmptySegment { .. })
         ));
         assert!(d.to_string().contains("empty segment"), "{d}");
+    }
+
+    #[test]
+    fn stats_permission_uses_the_rule_syntax() {
+        let p = policy(
+            "[[allow]]\nusers = [\"alice\"]\nsubscribe = [\"public.*\"]\n\n\
+             [[allow]]\ngroups = [\"audio\"]\nstats = true\n",
+        )
+        .unwrap();
+        // A rule may grant stats alone; members of its group see everything.
+        assert_eq!(
+            p.stats_scope(1002, &p.client_gids(1002, 1002), 4000),
+            StatsScope::All
+        );
+        assert_eq!(p.stats_scope(1001, &[1001], 4000), StatsScope::Permitted);
+        assert!(p.may_see_topic("public.news", 1001, &[1001]));
+        assert!(!p.may_see_topic("private.x", 1001, &[1001]));
+        // Root and the broker's own uid see everything by default.
+        assert_eq!(p.stats_scope(0, &[0], 4000), StatsScope::All);
+        assert_eq!(p.stats_scope(4000, &[4000], 4000), StatsScope::All);
+        let d = Policy::default_for(4000);
+        assert_eq!(d.stats_scope(1001, &[1001], 4000), StatsScope::Permitted);
+        assert!(!d.may_see_topic("a", 1001, &[1001]));
+        // The "allows nothing" error names the new permission.
+        let (_, _, reason) = invalid("[[allow]]\nanyone = true\n");
+        assert!(reason.contains("stats = true"), "{reason}");
+    }
+
+    #[test]
+    fn bad_topic_names_the_naming_rule_not_a_permission() {
+        let d = Policy::default_for(0)
+            .check(Op::Publish, "a b", 0, &[0])
+            .unwrap_err();
+        let msg = d.to_string();
+        assert!(msg.contains("'a b': it is not a topic name"), "{msg}");
+        assert!(!msg.contains("may not"), "reads like a denial: {msg}");
+        assert!(
+            msg.contains("A-Z a-z 0-9 _ -") && msg.contains("single dots"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -385,3 +385,97 @@ fn abstract_name_second_bind_refused() {
     let again = Listener::bind(&spec, &BindOptions::default()).unwrap();
     drop(again);
 }
+
+#[test]
+fn sticky_shared_directory_is_refused_with_a_private_directory_advice() {
+    // The shape of /tmp: writable by everyone, sticky.
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let err = bind(&shared.join("bus.sock")).unwrap_err();
+    assert!(matches!(err, AddrError::DirShared { .. }), "{err:?}");
+    let msg = err.to_string();
+    let private = shared.join(format!("membus-{}", rustix::process::geteuid().as_raw()));
+    assert!(
+        msg.contains(&format!("--socket {}/bus.sock", private.display())),
+        "{msg}"
+    );
+    assert!(!msg.contains("chmod go-w"), "{msg}");
+    // Following the advice works.
+    let listener = bind(&private.join("bus.sock")).unwrap();
+    assert_eq!(mode_of(&private), 0o700);
+    drop(listener);
+}
+
+/// A `bus-broker` process on `--socket SOCKET` with `driver`: `Ok` once it printed its start
+/// line, `Err(stderr)` if it exited instead.
+fn spawn_broker(socket: &str, driver: &str) -> Result<std::process::Child, String> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bus-broker"))
+        .args(["--socket", socket])
+        .env("MEMBUS_DRIVER", driver)
+        .env("MEMBUS_LOG", "warn")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the broker printed nothing in time");
+    if line.contains("listening on") {
+        return Ok(child);
+    }
+    let out = child.wait_with_output().unwrap();
+    Err(format!(
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+fn stop_broker(mut child: std::process::Child) {
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// A broker restarted on an abstract name right after the previous one exited starts every
+/// time, although on io_uring the kernel keeps the old listener bound for a few milliseconds
+/// after the process is gone; a live broker on the name is still refused at once.
+fn abstract_name_restart(driver: &str) {
+    let name = unique_abstract_name();
+    let socket = format!("@{}", String::from_utf8_lossy(&name));
+    let mut broker = spawn_broker(&socket, driver).expect("first start");
+    for round in 0..20 {
+        stop_broker(broker);
+        broker = spawn_broker(&socket, driver)
+            .unwrap_or_else(|e| panic!("restart {round} on {socket} failed: {e}"));
+        connect_abstract(&name).expect("the restarted broker answers");
+    }
+    let refused = spawn_broker(&socket, driver).expect_err("a second live broker started");
+    assert!(refused.contains("already in use"), "{refused}");
+    connect_abstract(&name).expect("the live broker still answers");
+    stop_broker(broker);
+}
+
+#[test]
+fn abstract_name_restart_epoll() {
+    abstract_name_restart("epoll");
+}
+
+#[test]
+fn abstract_name_restart_uring() {
+    abstract_name_restart("uring");
+}

@@ -90,3 +90,139 @@ fn bad_config_file_names_file_line_and_reason() {
     );
     assert!(msg.contains("max_topic"), "{msg}");
 }
+
+/// HELLO then STATS_REQUEST on the abstract socket `argv[1]`; prints the document.
+const STATS_CLIENT_PY: &str = r#"
+import socket, struct, sys
+H = struct.Struct("<IBBHIHHQ")
+def frame(t, body=b"", rid=0):
+    return H.pack(0x5355424D, 1, 0, t, len(body), 0, 0, rid) + body
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.settimeout(20)
+s.connect("\0" + sys.argv[1])
+s.send(frame(0x0001, struct.pack("<HBH", 1, 2, 2) + b"py", 1))
+d = s.recv(65536)
+assert struct.unpack_from("<H", d, 6)[0] == 0x0002, ("expected WELCOME", d)
+s.send(frame(0x0501, b"", 2))
+doc = b""
+while True:
+    d = s.recv(65536)
+    assert struct.unpack_from("<H", d, 6)[0] == 0x0502, ("expected STATS_REPLY", d)
+    doc += d[24:]
+    if not d[5] & 1:
+        break
+print(doc.decode())
+"#;
+
+/// STATS as `uid` (through python3, which the broker's integration tests already need).
+fn stats_as(name: &str, uid: u32) -> serde_json::Value {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("python3")
+        .args(["-c", STATS_CLIENT_PY, name])
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .expect("python3 is needed for this test (apt-get install python3)");
+    assert!(
+        out.status.success(),
+        "stats client as uid {uid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn topic_names(doc: &serde_json::Value) -> Vec<String> {
+    doc["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// STATS through a real broker as another uid: only what the policy lets it use, unless a
+/// `stats = true` rule names it (policy reloaded with SIGHUP). Needs root (to run the client
+/// as uid 65534).
+fn stats_as_another_uid(driver: &str) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    if !crate::running_as_root() {
+        eprintln!(
+            "skipped: STATS as another uid needs root to start a client as uid 65534 \
+             (the unit test engine::stats::tests covers the filtering)"
+        );
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let tmp = tempfile::tempdir().unwrap();
+    let name = String::from_utf8(crate::unique_abstract_name()).unwrap();
+    let policy = tmp.path().join("policy.toml");
+    let subscribe_public = format!("[[allow]]\nusers = [{NOBODY}]\nsubscribe = [\"public.*\"]\n");
+    std::fs::write(&policy, &subscribe_public).unwrap();
+    let config = tmp.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        "policy = \"policy.toml\"\n\n[[topic]]\nname = \"public.a\"\n\n\
+         [[topic]]\nname = \"secret.b\"\n",
+    )
+    .unwrap();
+    let stderr = tmp.path().join("stderr");
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_bus-broker"))
+        .arg("--socket")
+        .arg(format!("@{name}"))
+        .arg("--config")
+        .arg(&config)
+        .env("MEMBUS_DRIVER", driver)
+        .env("MEMBUS_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(broker.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening on"), "{line}");
+
+    // Allowed to subscribe public.*: public.a only.
+    let doc = stats_as(&name, NOBODY);
+    assert_eq!(topic_names(&doc), ["public.a"], "{doc}");
+    assert_eq!(doc["scope"], "permitted");
+    // The broker's own uid (root) sees everything.
+    let doc = stats_as(&name, 0);
+    assert_eq!(topic_names(&doc), ["public.a", "secret.b"]);
+    assert_eq!(doc["scope"], "all");
+
+    // Granted stats: everything.
+    std::fs::write(
+        &policy,
+        format!("{subscribe_public}\n[[allow]]\nusers = [{NOBODY}]\nstats = true\n"),
+    )
+    .unwrap();
+    let pid = rustix::process::Pid::from_child(&broker);
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&stderr)
+        .unwrap()
+        .contains("policy reloaded")
+    {
+        assert!(std::time::Instant::now() < deadline, "no reload logged");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let doc = stats_as(&name, NOBODY);
+    assert_eq!(topic_names(&doc), ["public.a", "secret.b"], "{doc}");
+    assert_eq!(doc["scope"], "all");
+
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert!(broker.wait().unwrap().success());
+}
+
+#[test]
+fn stats_as_another_uid_epoll() {
+    stats_as_another_uid("epoll");
+}
+
+#[test]
+fn stats_as_another_uid_uring() {
+    stats_as_another_uid("uring");
+}
