@@ -428,3 +428,41 @@ pub fn long_topic_names(driver: &str) {
     }
     let _ = Duration::ZERO;
 }
+
+/// Item 5, connections: with RLIMIT_NOFILE 1024, a hog opens more connections than the broker
+/// has fds for. The broker must not spin on a listening socket it cannot accept from, and once
+/// the hog leaves, new clients are served and the fd count is back to its baseline.
+pub fn connection_flood(driver: &str) {
+    let broker = Start::new().nofile(1024).run(driver);
+    drop(Conn::connect(&broker.socket, Transport::Datagram));
+    let baseline = broker.settled_fds();
+    let mut hog = Vec::new();
+    for _ in 0..1200 {
+        let fd = rustix::net::socket(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            None,
+        )
+        .unwrap();
+        match rustix::net::connect(
+            &fd,
+            &rustix::net::SocketAddrUnix::new(&broker.socket).unwrap(),
+        ) {
+            Ok(()) => hog.push(fd),
+            Err(_) => break,
+        }
+    }
+    eprintln!("item05 flood: {} connections", hog.len());
+    let held = broker.settled_fds();
+    eprintln!("item05 flood: the broker holds {held} fds");
+    let cpu = crate::support::cpu_over(broker.pid, Duration::from_secs(1));
+    eprintln!("item05 flood: broker CPU {:.0}%", cpu * 100.0);
+    assert!(
+        cpu < 0.25,
+        "the broker used {:.0}% of a core for 1 s with its fds exhausted (accept loop spinning?)",
+        cpu * 100.0
+    );
+    drop(hog);
+    broker.expect_fds(baseline, "the connection flood left");
+    round_trip(&broker.socket, "item05.after.flood").expect("served after the flood");
+}

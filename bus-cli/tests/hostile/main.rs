@@ -41,6 +41,7 @@ per_driver!(
     item02_publishers_come_and_go_lose_nothing => delivery::churning_publishers,
     item04_ring_size_overflow_is_too_large_and_leaks_no_topic => limits::ring_size_overflow,
     item05_fd_exhaustion_is_limit_reached_and_others_keep_working => limits::fd_exhaustion,
+    item05_connection_flood_does_not_spin_broker => limits::connection_flood,
     item06_more_than_4096_subscribers_per_topic_refused_at_start => limits::too_many_subscribers_per_ring,
     item07_claim_max_does_not_freeze_broker => |d| memory::broker_freeze(d, Lie::ClaimMax, false),
     item07_claim_random_does_not_freeze_broker => |d| memory::broker_freeze(d, Lie::ClaimRandom, false),
