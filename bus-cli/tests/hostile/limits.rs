@@ -404,11 +404,16 @@ pub fn long_topic_names(driver: &str) {
         // `bus pub` / `bus sub` with the same name.
         let mut sub = crate::support::bus_sub(&broker, &topic, &["--count", "1"]);
         wait_until("bus sub is subscribed", || {
+            assert!(
+                sub.is_running(),
+                "{len}-byte topic {topic:?}: bus sub exited: {}",
+                sub.all_output()
+            );
             crate::support::ready_subscribers(&broker, &topic) >= 1
         });
         let out = broker
             .bus()
-            .args(["pub", &topic, "hello-long-name"])
+            .args(["pub", "--", &topic, "hello-long-name"])
             .output()
             .unwrap();
         assert!(

@@ -444,7 +444,9 @@ impl Drop for Proc {
 /// `bus sub TOPIC --format json ...` against `broker`.
 pub fn bus_sub(broker: &Broker, topic: &str, extra: &[&str]) -> Proc {
     let mut cmd = broker.bus();
-    cmd.args(["sub", topic, "--format", "json"]).args(extra);
+    cmd.args(["sub", "--format", "json"])
+        .args(extra)
+        .args(["--", topic]);
     Proc::spawn(cmd, &format!("bus sub {topic}"))
 }
 
