@@ -272,6 +272,7 @@ struct LimitsFile {
     max_queued_replies: Option<Spanned<u32>>,
     handshake_timeout_ms: Option<Spanned<u32>>,
     stall_timeout_ms: Option<Spanned<u32>>,
+    max_fds_per_client: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -317,6 +318,9 @@ fn ring_size_error(value: u64, max: u64, max_name: &str) -> Option<String> {
     }
 }
 
+/// Smallest per-client descriptor quota: room for a datagram subscription (4) and a ring.
+pub const MIN_FDS_PER_CLIENT: u32 = 8;
+
 fn apply_limits(file: Option<LimitsFile>) -> Result<Limits, Located> {
     let mut limits = Limits::default();
     let Some(file) = file else { return Ok(limits) };
@@ -333,6 +337,7 @@ fn apply_limits(file: Option<LimitsFile>) -> Result<Limits, Located> {
         max_queued_replies,
         handshake_timeout_ms,
         stall_timeout_ms,
+        max_fds_per_client,
     } = &mut limits;
     set(max_clients, file.max_clients, "max_clients", &mut at);
     set(max_topics, file.max_topics, "max_topics", &mut at);
@@ -378,9 +383,16 @@ fn apply_limits(file: Option<LimitsFile>) -> Result<Limits, Located> {
         "stall_timeout_ms",
         &mut at,
     );
+    set(
+        max_fds_per_client,
+        file.max_fds_per_client,
+        "max_fds_per_client",
+        &mut at,
+    );
 
     let slots = bus_core::layout::CURSOR_SLOTS as u32;
-    let checks: [(&'static str, Option<String>); 9] = [
+    let readers = bus_core::ring::MAX_READERS_PER_RING as u32;
+    let checks: [(&'static str, Option<String>); 10] = [
         (
             "max_clients",
             (*max_clients == 0).then(|| "must be at least 1".into()),
@@ -396,7 +408,12 @@ fn apply_limits(file: Option<LimitsFile>) -> Result<Limits, Located> {
         ),
         (
             "max_subscribers_per_topic",
-            (*max_subscribers_per_topic == 0).then(|| "must be at least 1".into()),
+            (*max_subscribers_per_topic == 0 || *max_subscribers_per_topic > readers).then(|| {
+                format!(
+                    "must be 1..={readers} (a ring's writer tracks at most {readers} readers; \
+                     more would silently lose reliable delivery)"
+                )
+            }),
         ),
         (
             "max_ring_bytes",
@@ -421,6 +438,15 @@ fn apply_limits(file: Option<LimitsFile>) -> Result<Limits, Located> {
         (
             "stall_timeout_ms",
             (*stall_timeout_ms == 0).then(|| "must be at least 1".into()),
+        ),
+        (
+            "max_fds_per_client",
+            (*max_fds_per_client < MIN_FDS_PER_CLIENT).then(|| {
+                format!(
+                    "must be at least {MIN_FDS_PER_CLIENT} (one datagram subscription holds 4 \
+                     descriptors)"
+                )
+            }),
         ),
     ];
     for (name, problem) in checks {
@@ -1205,5 +1231,33 @@ stall_timeout_ms = 100
         assert_eq!(s.bind.gid, None);
         assert_eq!(s.group, None);
         assert_eq!(s.notes.len(), 1);
+    }
+
+    /// Hardening item 6: a writer tracks at most MAX_READERS_PER_RING readers; more
+    /// subscribers per topic silently lost reliable delivery.
+    #[test]
+    fn subscribers_per_topic_bounded_by_what_a_ring_tracks() {
+        let max = bus_core::ring::MAX_READERS_PER_RING;
+        let ok = parse(&format!("[limits]\nmax_subscribers_per_topic = {max}\n")).unwrap();
+        assert_eq!(ok.limits.max_subscribers_per_topic as usize, max);
+        let (line, _, reason) = invalid(&format!(
+            "[limits]\nmax_subscribers_per_topic = {}\n",
+            max + 1
+        ));
+        assert_eq!(line, 2);
+        assert!(
+            reason.contains("limits.max_subscribers_per_topic")
+                && reason.contains(&max.to_string()),
+            "{reason}"
+        );
+    }
+
+    /// Hardening item 5: the per-client descriptor quota is a limit like the others.
+    #[test]
+    fn fds_per_client_is_configurable_and_bounded() {
+        let ok = parse("[limits]\nmax_fds_per_client = 64\n").unwrap();
+        assert_eq!(ok.limits.max_fds_per_client, 64);
+        let (_, _, reason) = invalid("[limits]\nmax_fds_per_client = 3\n");
+        assert!(reason.contains("limits.max_fds_per_client"), "{reason}");
     }
 }

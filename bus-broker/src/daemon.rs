@@ -8,6 +8,8 @@ use std::error::Error;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use bus_core::limits::Limits;
+
 use crate::addr::{AddrError, Listener};
 use crate::cli::Args;
 use crate::config::Settings;
@@ -102,6 +104,88 @@ where
     (args, matches.get_one::<String>("driver").cloned())
 }
 
+/// Descriptors kept apart from clients: standard streams, the listener and its lock file, the
+/// event loop's own (io_uring or epoll, signalfd, eventfd), log files, the fds a frame may
+/// carry before they are closed, and reads of /proc for STATS.
+pub const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (a broker holds a descriptor per ring,
+/// cursor page and wake socket; the usual soft limit of 1,024 is far too low). Returns the
+/// soft limit in force afterwards.
+fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    match limit.maximum {
+        Some(hard) if hard > soft => {
+            limit.current = Some(hard);
+            match setrlimit(Resource::Nofile, limit) {
+                Ok(()) => hard,
+                Err(e) => {
+                    tracing::warn!("cannot raise the file-descriptor limit to {hard}: {e}");
+                    soft
+                }
+            }
+        }
+        None => {
+            limit.current = None;
+            let _ = setrlimit(Resource::Nofile, limit);
+            getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+        }
+        Some(_) => soft,
+    }
+}
+
+/// How the broker's file descriptors are shared out (see docs/broker.md, "File descriptors").
+#[derive(Debug, PartialEq, Eq)]
+pub struct FdPlan {
+    /// What the engine may hold for rings, cursor pages and wake sockets, all clients together.
+    pub segments: u64,
+}
+
+impl FdPlan {
+    /// Checks that the limits fit in `nofile` descriptors: the reserve, one per connection
+    /// (`limits.max_clients`), and at least one client's full quota
+    /// (`limits.max_fds_per_client`). Limits left at their defaults are scaled down to fit
+    /// (with a warning); limits the config set that cannot fit are an error naming them.
+    pub fn make(limits: &mut Limits, nofile: u64) -> Result<FdPlan, String> {
+        let defaults = Limits::default();
+        let available = nofile.saturating_sub(RESERVED_FDS);
+        let need = |l: &Limits| u64::from(l.max_clients) + u64::from(l.max_fds_per_client) * 2;
+        if need(limits) > available {
+            let scalable = limits.max_clients == defaults.max_clients
+                && limits.max_fds_per_client == defaults.max_fds_per_client;
+            let min = 1 + 2 * u64::from(crate::config::MIN_FDS_PER_CLIENT);
+            if !scalable || available < min {
+                return Err(format!(
+                    "limits.max_clients ({}) plus twice limits.max_fds_per_client ({}) plus \
+                     {RESERVED_FDS} reserved descriptors need {} file descriptors, but the \
+                     broker may open only {nofile} (RLIMIT_NOFILE); lower those limits in the \
+                     config, or raise the limit (ulimit -n, or LimitNOFILE= in the systemd unit)",
+                    limits.max_clients,
+                    limits.max_fds_per_client,
+                    need(limits) + RESERVED_FDS
+                ));
+            }
+            // Half for connections, the rest for segments; one client may take an eighth.
+            limits.max_clients = (available / 2).min(u64::from(u32::MAX)) as u32;
+            limits.max_fds_per_client = ((available / 8) as u32)
+                .max(crate::config::MIN_FDS_PER_CLIENT)
+                .min(defaults.max_fds_per_client);
+            tracing::warn!(
+                "the file-descriptor limit is {nofile} (RLIMIT_NOFILE): limits.max_clients \
+                 lowered to {} and limits.max_fds_per_client to {}; raise the limit (ulimit -n, \
+                 LimitNOFILE=) for more",
+                limits.max_clients,
+                limits.max_fds_per_client
+            );
+        }
+        Ok(FdPlan {
+            segments: available - u64::from(limits.max_clients),
+        })
+    }
+}
+
 /// How long a socket that answers while no broker holds its lock is re-probed (see [`bind`]).
 const UNLOCKED_SOCKET_RETRY: Duration = Duration::from_secs(2);
 
@@ -126,11 +210,12 @@ fn bind(settings: &Settings) -> Result<Listener, AddrError> {
 fn run(args: Args, driver_flag: Option<String>) -> Result<(), Failure> {
     let env = |k: &str| std::env::var_os(k);
     let uid = rustix::process::geteuid().as_raw();
-    let settings = Settings::resolve(&args, env, uid).map_err(usage)?;
+    let mut settings = Settings::resolve(&args, env, uid).map_err(usage)?;
     crate::log::init(&settings.log).map_err(usage)?;
     for note in &settings.notes {
         tracing::warn!("{note}");
     }
+    let fds = FdPlan::make(&mut settings.limits, raise_fd_limit()).map_err(usage_msg)?;
 
     let choice = match driver_flag {
         Some(text) => {
@@ -165,11 +250,12 @@ fn run(args: Args, driver_flag: Option<String>) -> Result<(), Failure> {
         None => bind(&settings).map_err(runtime)?,
     };
 
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         settings.limits.clone(),
         settings.topics.clone(),
         policy.policy().clone(),
     );
+    engine.set_fd_budget(fds.segments);
     let options = Options::new(&settings.limits, policy);
 
     let version = env!("CARGO_PKG_VERSION");
@@ -198,5 +284,55 @@ fn run(args: Args, driver_flag: Option<String>) -> Result<(), Failure> {
             tracing::error!("the broker stopped on an error: {e}");
             Err(runtime(e))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fit_a_usual_limit() {
+        let mut limits = Limits::default();
+        let plan = FdPlan::make(&mut limits, 1 << 20).unwrap();
+        assert_eq!(limits, Limits::default(), "nothing scaled");
+        assert_eq!(
+            plan.segments,
+            (1 << 20) - RESERVED_FDS - u64::from(limits.max_clients)
+        );
+    }
+
+    /// Hardening item 5: under RLIMIT_NOFILE 1024 the defaults are scaled so that one client's
+    /// quota is a fraction of the budget: nobody can use it all up.
+    #[test]
+    fn defaults_scale_down_to_a_small_limit() {
+        let mut limits = Limits::default();
+        let plan = FdPlan::make(&mut limits, 1024).unwrap();
+        let quota = u64::from(limits.max_fds_per_client);
+        assert!(quota * 2 <= plan.segments, "{limits:?} {plan:?}");
+        assert!(
+            RESERVED_FDS + u64::from(limits.max_clients) + plan.segments <= 1024,
+            "{limits:?} {plan:?}"
+        );
+    }
+
+    #[test]
+    fn configured_limits_that_cannot_fit_are_refused_naming_them() {
+        let mut limits = Limits {
+            max_clients: 1000,
+            ..Limits::default()
+        };
+        let err = FdPlan::make(&mut limits, 1024).unwrap_err();
+        assert!(
+            err.contains("limits.max_clients")
+                && err.contains("limits.max_fds_per_client")
+                && err.contains("RLIMIT_NOFILE"),
+            "{err}"
+        );
+        let mut tiny = Limits::default();
+        assert!(
+            FdPlan::make(&mut tiny, 40).is_err(),
+            "not even the reserve fits"
+        );
     }
 }

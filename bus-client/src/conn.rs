@@ -27,7 +27,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bus_core::frame::{ErrorCode, EvictReason, Frame, Header, Msg, PeerKind, RingGranted};
+use bus_core::frame::{
+    ErrorCode, EvictReason, Frame, Header, Msg, PeerKind, RingGranted, SkipReason,
+};
 use bus_core::limits::MAX_FRAME_BYTES;
 use bus_core::sys::scm::{FdBatch, Received, frame_fd_check, recv_frame, send_frame};
 
@@ -101,6 +103,9 @@ pub(crate) struct Delivered {
     pub timestamp_ns: u64,
     pub lost_before: u64,
     pub payload: Vec<u8>,
+    /// A SKIPPED frame in the stream's place: the message's length and why it was not
+    /// delivered (`payload` is empty).
+    pub skipped: Option<(u32, SkipReason)>,
 }
 
 /// The mailbox of one publisher or subscriber. The owner checks `generation` with one Relaxed
@@ -145,16 +150,17 @@ impl Inbox {
     /// value takes the lock, which orders it after the push that preceded the bump.
     #[inline]
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
+        bus_core::wake::protocol::inbox_generation(&self.generation)
     }
 
     /// The generation, for the second look before blocking.
     ///
-    /// SYNC POINT: SeqCst; pairs with the SeqCst bump in `bump` and the SeqCst store of
-    /// `sleeping` by the owner: either the owner sees the bump, or the control thread sees
-    /// `sleeping` and writes the eventfd.
+    /// SYNC POINT: SeqCst fence, then the load (`protocol::inbox_second_look`); pairs with the
+    /// SeqCst fence in `bump` (`protocol::inbox_bump`): either the owner, which stored
+    /// `sleeping` before this, sees the bump, or the control thread sees `sleeping` and writes
+    /// the eventfd. Checked by the loom model `inbox_owner_never_sleeps_through_an_event`.
     pub fn generation_seqcst(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
+        bus_core::wake::protocol::inbox_second_look(&self.generation)
     }
 
     /// The eventfd a parked owner also polls.
@@ -163,8 +169,7 @@ impl Inbox {
     }
 
     fn bump(&self, always_signal: bool) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        if always_signal || self.sleeping.load(Ordering::SeqCst) {
+        if bus_core::wake::protocol::inbox_bump(&self.generation, &self.sleeping) || always_signal {
             self.signal();
         }
     }
@@ -576,6 +581,22 @@ fn dispatch(shared: &Shared, datagram: &[u8], fds: &mut FdBatch) {
                         timestamp_ns: d.timestamp_ns,
                         lost_before: d.lost_before,
                         payload: d.payload.to_vec(),
+                        skipped: None,
+                    },
+                    &shared.stopping,
+                );
+            }
+        }
+        Msg::Skipped(k) => {
+            if let Some(inbox) = shared.route(k.subscriber_id) {
+                inbox.push_delivery(
+                    Delivered {
+                        publisher_id: k.publisher_id,
+                        seq: k.seq,
+                        timestamp_ns: 0,
+                        lost_before: 0,
+                        payload: Vec::new(),
+                        skipped: Some((k.len, k.reason)),
                     },
                     &shared.stopping,
                 );

@@ -3,7 +3,7 @@
 use std::io;
 use std::time::Duration;
 
-pub use bus_core::frame::{ErrorCode, EvictReason};
+pub use bus_core::frame::{ErrorCode, EvictReason, SkipReason};
 
 /// An ERROR frame from the broker: its code and its human message.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -172,6 +172,24 @@ pub enum PublishError<T> {
         /// What we know.
         reason: String,
     },
+    /// Reliable topic: this publisher could not start honouring a subscriber's cursor (its
+    /// ring tracks too many readers, or the subscriber's cursor page is unusable), so it will
+    /// not wait for that subscriber, which may miss messages. Reported once, before the next
+    /// message; that message was not published and is handed back, publishing again is fine.
+    #[error(
+        "this publisher cannot honour subscriber {subscriber_id}'s cursor ({detail}); it will \
+         not wait for that subscriber, which may miss messages. The broker's \
+         limits.max_subscribers_per_topic keeps a topic within what a ring tracks; this message \
+         was not published, send it again"
+    )]
+    Untracked {
+        /// The message of this call (not published).
+        payload: T,
+        /// The subscriber not waited for.
+        subscriber_id: u64,
+        /// Why.
+        detail: String,
+    },
 }
 
 impl<T> PublishError<T> {
@@ -181,7 +199,8 @@ impl<T> PublishError<T> {
             PublishError::Full(p)
             | PublishError::Timeout { payload: p, .. }
             | PublishError::Refused { payload: p, .. }
-            | PublishError::BrokerGone { payload: p, .. } => Some(p),
+            | PublishError::BrokerGone { payload: p, .. }
+            | PublishError::Untracked { payload: p, .. } => Some(p),
             PublishError::TooLarge { .. } => None,
         }
     }
@@ -203,6 +222,15 @@ impl<T> PublishError<T> {
                 payload: f(payload),
                 reason,
             },
+            PublishError::Untracked {
+                payload,
+                subscriber_id,
+                detail,
+            } => PublishError::Untracked {
+                payload: f(payload),
+                subscriber_id,
+                detail,
+            },
         }
     }
 }
@@ -215,6 +243,7 @@ impl<T> std::fmt::Debug for PublishError<T> {
             PublishError::TooLarge { .. } => "TooLarge",
             PublishError::Refused { .. } => "Refused",
             PublishError::BrokerGone { .. } => "BrokerGone",
+            PublishError::Untracked { .. } => "Untracked",
         };
         write!(f, "PublishError::{kind}({self})")
     }
@@ -250,6 +279,26 @@ pub enum RecvError {
         /// What was wrong.
         detail: String,
     },
+    /// Datagram delivery: the broker could not deliver one message of this publisher as a
+    /// datagram and said so (SKIPPED). Nothing else is lost and the stream goes on, so
+    /// receiving again is fine. `reason` says why: the message was larger than a datagram
+    /// carries (subscribe through shared memory to get such messages), a lossy message was
+    /// overwritten while the broker copied it, or the publisher's ring is corrupt (nothing
+    /// more comes from that publisher; `seq` is the first sequence number not delivered).
+    #[error(
+        "message {seq} of publisher {publisher_id} ({len} bytes) was not delivered: {}",
+        skip_reason_text(*reason)
+    )]
+    Skipped {
+        /// The publisher.
+        publisher_id: u64,
+        /// Its sequence number.
+        seq: u64,
+        /// Its length in bytes (0 when unknown).
+        len: u32,
+        /// Why.
+        reason: SkipReason,
+    },
     /// Lossy topic only: the publisher overwrote the message between the moment `recv` saw it
     /// and the moment it took it (the thread was descheduled for longer than a ring's worth of
     /// messages). Nothing is broken: receive again; the next sample's `lost_before` counts what
@@ -264,4 +313,22 @@ pub enum RecvError {
     /// Waiting on the wake socket failed.
     #[error("waiting for messages failed: {0}")]
     Io(#[from] io::Error),
+}
+
+/// What a [`SkipReason`] means for the reader of an error message.
+fn skip_reason_text(reason: SkipReason) -> String {
+    match reason {
+        SkipReason::TooLarge => format!(
+            "it is larger than a datagram delivery carries ({} bytes); subscribe through \
+             shared memory to receive such messages",
+            bus_core::frame::MAX_FALLBACK_MESSAGE_BYTES
+        ),
+        SkipReason::Overwritten => {
+            "lossy topic: the publisher overwrote it while the broker copied it".to_owned()
+        }
+        SkipReason::CorruptRing => {
+            "the publisher's ring is corrupt; nothing more comes from that publisher".to_owned()
+        }
+        other => format!("{other}"),
+    }
 }

@@ -39,7 +39,8 @@ pub mod tokio;
 pub use bus::{Bus, default_address};
 pub use bus_core::layout::Mode;
 pub use error::{
-    BrokerError, ConnectError, ErrorCode, PublishError, PublisherError, RecvError, SubscribeError,
+    BrokerError, ConnectError, ErrorCode, PublishError, PublisherError, RecvError, SkipReason,
+    SubscribeError,
 };
 pub use options::{
     BusOptions, ModeRequest, SubscriberOptions, TopicOptions, Transport, WaitStrategy,

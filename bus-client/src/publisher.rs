@@ -72,6 +72,9 @@ pub struct Publisher {
     mode: Mode,
     max_message_bytes: usize,
     broker_gone: bool,
+    /// A subscriber whose cursor the writer could not start honouring, and why: reported by
+    /// the next publish ([`PublishError::Untracked`]), never ignored.
+    untracked: Option<(u64, String)>,
     scratch: Vec<Event>,
     kind: PubKind,
 }
@@ -132,6 +135,7 @@ impl Publisher {
             mode: grant.mode,
             max_message_bytes: max,
             broker_gone: false,
+            untracked: None,
             scratch: Vec::new(),
             kind,
         }
@@ -426,20 +430,24 @@ impl Publisher {
                     },
                     PubKind::Shm(w),
                 ) => {
-                    // A page we cannot use belongs to a broken subscriber: skipping it means we
-                    // do not wait for it, which only hurts that subscriber.
-                    if let Ok(view) = map_cursor_page(&page, Access::ReadOnly)
+                    // A page we cannot use belongs to a broken subscriber: not waiting for it
+                    // only hurts that subscriber, but it is said (the next publish reports it).
+                    let added = map_cursor_page(&page, Access::ReadOnly)
                         .map_err(|e| e.to_string())
                         .and_then(|m| {
                             CursorView::attach(m, subscriber_id).map_err(|e| e.to_string())
                         })
-                    {
-                        let wake = Some(WakeSender::from_fd(wake));
-                        let _ = if from_start {
-                            w.add_reader_from_start(view, usize::from(slot), wake)
-                        } else {
-                            w.add_reader(view, usize::from(slot), wake)
-                        };
+                        .and_then(|view| {
+                            let wake = Some(WakeSender::from_fd(wake));
+                            if from_start {
+                                w.add_reader_from_start(view, usize::from(slot), wake)
+                            } else {
+                                w.add_reader(view, usize::from(slot), wake)
+                            }
+                            .map_err(|e| e.to_string())
+                        });
+                    if let Err(detail) = added {
+                        self.untracked.get_or_insert((subscriber_id, detail));
                     }
                 }
                 (Event::SubscriberGone { subscriber_id }, PubKind::Shm(w)) => {
@@ -474,6 +482,13 @@ impl Publisher {
                 return Err(PublishError::BrokerGone {
                     payload: (),
                     reason: self.client.shared.gone_reason(),
+                });
+            }
+            if let Some((subscriber_id, detail)) = self.untracked.take() {
+                return Err(PublishError::Untracked {
+                    payload: (),
+                    subscriber_id,
+                    detail,
                 });
             }
             match &mut self.kind {

@@ -5,7 +5,6 @@ use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bus_core::frame::{Msg, RingRole, Subscribe, Transport as WireTransport};
@@ -32,6 +31,14 @@ struct ShmSub {
     next: usize,
     /// Publishers that left: their rings are read to the end, then dropped.
     gone: Vec<u64>,
+    /// Rings let go of (drained, or dropped as corrupt) that the broker has not been told
+    /// about yet (RING_RELEASED): it frees their publisher slot, and stops judging this
+    /// subscriber on a ring it no longer reads.
+    released: Vec<u64>,
+    /// Rings found corrupt: their readers are inert and are dropped before anything else
+    /// happens to this subscriber (in particular before a new ring is attached to the same
+    /// publisher slot, whose cursor the dropped reader resets).
+    corrupt: Vec<u64>,
 }
 
 struct DgSub {
@@ -178,6 +185,8 @@ impl Subscriber {
                 readers: Vec::new(),
                 next: 0,
                 gone: Vec::new(),
+                released: Vec::new(),
+                corrupt: Vec::new(),
             })
         } else {
             SubKind::Datagram(DgSub {
@@ -287,6 +296,9 @@ impl Subscriber {
         if self.client.shared.is_gone() {
             self.broker_gone = true;
         }
+        if let SubKind::Shm(s) = &mut self.kind {
+            s.drop_corrupt();
+        }
         let mut events = std::mem::take(&mut self.scratch);
         self.inbox.take_events(&mut events);
         for ev in events.drain(..) {
@@ -320,6 +332,7 @@ impl Subscriber {
                     match reader {
                         Ok(r) => s.readers.push(r),
                         Err(detail) => {
+                            s.released.push(grant.publisher_id);
                             self.pending_error.get_or_insert(RecvError::BadRing {
                                 publisher_id: grant.publisher_id,
                                 detail,
@@ -340,6 +353,14 @@ impl Subscriber {
             }
         }
         self.scratch = events;
+        self.send_releases();
+    }
+
+    /// Tells the broker about every ring let go of since the last call (RING_RELEASED).
+    fn send_releases(&mut self) {
+        if let SubKind::Shm(s) = &mut self.kind {
+            send_releases(&self.client, self.id, &mut s.released);
+        }
     }
 
     fn check_errors(&mut self) -> Result<(), RecvError> {
@@ -453,20 +474,23 @@ impl Subscriber {
             // A resynchronisation is pending (a lapped lossy reader): probe, since after it
             // there may be nothing to take.
             let publisher_id = r.publisher_id();
-            match r.try_recv() {
+            let corrupt = match r.try_recv() {
                 // Not dropping the probe sample keeps it unread (drop is what advances the
                 // reader); it holds no resources, so forgetting it leaks nothing.
                 Ok(Some(sample)) => {
                     std::mem::forget(sample);
                     return Ok(Some(i));
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(RecvError::BadRing {
-                        publisher_id,
-                        detail: e.to_string(),
-                    });
-                }
+                Ok(None) => None,
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(detail) = corrupt {
+                s.mark_corrupt(publisher_id);
+                send_releases(&self.client, self.id, &mut s.released);
+                return Err(RecvError::BadRing {
+                    publisher_id,
+                    detail,
+                });
             }
         }
         Ok(None)
@@ -476,7 +500,13 @@ impl Subscriber {
     /// after resynchronising) and records its latency.
     #[inline]
     fn take(&mut self, i: usize) -> Result<Option<Sample<'_>>, RecvError> {
-        let Subscriber { kind, latency, .. } = self;
+        let Subscriber {
+            kind,
+            latency,
+            client,
+            id,
+            ..
+        } = self;
         match kind {
             SubKind::Shm(s) => {
                 let n = s.readers.len();
@@ -495,15 +525,32 @@ impl Subscriber {
                         }))
                     }
                     Ok(None) => Ok(None),
-                    // The reader is now inert (it returns nothing more); it is dropped when its
-                    // publisher leaves.
-                    Err(e) => Err(RecvError::BadRing {
-                        publisher_id,
-                        detail: e.to_string(),
-                    }),
+                    // The ring is dropped now (its cursor slot reads "detached") and the broker
+                    // is told, so that nobody waits for or judges us on it.
+                    Err(e) => {
+                        // Field by field: the sample arm above keeps `s.readers` borrowed.
+                        s.corrupt.push(publisher_id);
+                        s.released.push(publisher_id);
+                        send_releases(client, *id, &mut s.released);
+                        Err(RecvError::BadRing {
+                            publisher_id,
+                            detail: e.to_string(),
+                        })
+                    }
                 }
             }
             SubKind::Datagram(d) => match d.queue.pop_front() {
+                Some(Delivered {
+                    publisher_id,
+                    seq,
+                    skipped: Some((len, reason)),
+                    ..
+                }) => Err(RecvError::Skipped {
+                    publisher_id,
+                    seq,
+                    len,
+                    reason,
+                }),
                 Some(msg) => {
                     if let Some(h) = latency {
                         h.saturating_record(monotonic_ns().saturating_sub(msg.timestamp_ns));
@@ -535,6 +582,7 @@ impl Subscriber {
         if let SubKind::Shm(s) = &mut self.kind {
             s.drop_drained();
         }
+        self.send_releases();
     }
 
     /// Waits (spin, then park, as the strategy says) until a record is certainly ready;
@@ -586,9 +634,11 @@ impl Subscriber {
     /// (step 2). Returns true if nothing arrived: the caller may block on the fds.
     fn arm(&mut self) -> bool {
         self.inbox.drain_notify();
-        // SYNC POINT: SeqCst; pairs with the SeqCst generation bump + `sleeping` load in the
-        // control thread (Inbox::bump): either we see the bump below, or it writes the eventfd.
-        self.inbox.sleeping.store(true, Ordering::SeqCst);
+        // SYNC POINT: the announce, then `generation_seqcst` (a SeqCst fence before its load),
+        // pair with the fence in the control thread's bump (Inbox::bump): either we see the
+        // bump below, or it sees `sleeping` and writes the eventfd (loom model
+        // `inbox_owner_never_sleeps_through_an_event`).
+        protocol::inbox_announce_sleep(&self.inbox.sleeping);
         let quiet = match &mut self.kind {
             SubKind::Shm(s) => {
                 s.wake.drain();
@@ -611,7 +661,7 @@ impl Subscriber {
 
     fn disarm(&mut self) {
         self.armed = false;
-        self.inbox.sleeping.store(false, Ordering::Relaxed);
+        protocol::inbox_end_sleep(&self.inbox.sleeping);
         if let SubKind::Shm(s) = &self.kind {
             protocol::unpark(s.page.park_word());
         }
@@ -664,8 +714,47 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> std::io::Resu
     }
 }
 
+/// Sends RING_RELEASED for every publisher in `released` and empties it.
+fn send_releases(client: &Client, subscriber_id: u64, released: &mut Vec<u64>) {
+    if client.shared.is_gone() {
+        released.clear();
+    }
+    for publisher_id in released.drain(..) {
+        fire(
+            &client.shared,
+            Msg::RingReleased {
+                subscriber_id,
+                publisher_id,
+            },
+        );
+    }
+}
+
 impl ShmSub {
+    /// Notes that the ring of `pid` is corrupt: its reader is dropped at the next
+    /// [`ShmSub::drop_corrupt`], and the broker is to be told.
+    fn mark_corrupt(&mut self, pid: u64) {
+        self.corrupt.push(pid);
+        self.released.push(pid);
+    }
+
+    /// Drops the readers of rings found corrupt (their cursor slots then read "detached").
+    fn drop_corrupt(&mut self) {
+        if self.corrupt.is_empty() {
+            return;
+        }
+        let corrupt = &self.corrupt;
+        self.readers
+            .retain(|r| !corrupt.contains(&r.publisher_id()));
+        self.gone.retain(|g| !corrupt.contains(g));
+        self.corrupt.clear();
+        if self.next >= self.readers.len() {
+            self.next = 0;
+        }
+    }
+
     fn drop_drained(&mut self) {
+        self.drop_corrupt();
         let mut i = 0;
         while i < self.readers.len() {
             let r = &self.readers[i];
@@ -674,6 +763,7 @@ impl ShmSub {
             if r.is_finished() || (left && !r.has_pending()) {
                 self.readers.remove(i);
                 self.gone.retain(|&g| g != pid);
+                self.released.push(pid);
                 if self.next > i {
                     self.next -= 1;
                 }
@@ -684,10 +774,16 @@ impl ShmSub {
         if self.next >= self.readers.len() {
             self.next = 0;
         }
-        // Publishers whose ring we never got (or already dropped).
+        // Publishers whose ring we never got (or already dropped): let go of their slot too.
         let readers = &self.readers;
-        self.gone
-            .retain(|pid| readers.iter().any(|r| r.publisher_id() == *pid));
+        let released = &mut self.released;
+        self.gone.retain(|pid| {
+            let reading = readers.iter().any(|r| r.publisher_id() == *pid);
+            if !reading {
+                released.push(*pid);
+            }
+            reading
+        });
     }
 }
 

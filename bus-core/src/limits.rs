@@ -35,6 +35,10 @@ pub struct Limits {
     pub handshake_timeout_ms: u32,
     /// Time a reliable subscriber may hold a publisher back before it is evicted, in ms.
     pub stall_timeout_ms: u32,
+    /// File descriptors the broker may hold for one connection's publishers and subscribers
+    /// (rings, cursor pages, wake sockets): a quota, so that one client cannot use up the
+    /// broker's descriptors and lock the others out.
+    pub max_fds_per_client: u32,
 }
 
 impl Default for Limits {
@@ -49,6 +53,7 @@ impl Default for Limits {
             max_queued_replies: 256,
             handshake_timeout_ms: 5_000,
             stall_timeout_ms: 2_000,
+            max_fds_per_client: 4_096,
         }
     }
 }

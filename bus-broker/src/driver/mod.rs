@@ -536,6 +536,11 @@ impl<R: Readiness> Core<R> {
                 Out::Unwatch { token } => self.unwatch(token),
                 Out::PauseReads { conn } => self.set_paused(conn, true),
                 Out::ResumeReads { conn } => self.set_paused(conn, false),
+                Out::Wake { fd } => {
+                    // Best effort and never blocking: a full wake socket already holds a
+                    // wakeup, and a gone subscriber's socket just fails.
+                    let _ = rustix::net::send(&*fd, &[1], rustix::net::SendFlags::DONTWAIT);
+                }
             }
         }
     }

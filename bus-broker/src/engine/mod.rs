@@ -16,7 +16,7 @@
 
 mod stats;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use bus_core::frame::{
     CreatePublisher, CursorGranted, DecodeError, Deliver, ErrorCode, ErrorReply, EvictReason,
     Evicted, Frame, Header, MAX_FALLBACK_MESSAGE_BYTES, ModeRequest, Msg, PROTOCOL_VERSION,
-    PeerGone, PeerGoneReason, PeerKind, RingGranted, RingRole, Shutdown, ShutdownReason, Subscribe,
-    Subscribed, Transport, Welcome,
+    PeerGone, PeerGoneReason, PeerKind, RingGranted, RingRole, Shutdown, ShutdownReason,
+    SkipReason, Skipped, Subscribe, Subscribed, Transport, Welcome,
 };
 use bus_core::layout::{
     CURSOR_DETACHED, MIN_DATA_BYTES, Mode, max_message_bytes_for, record_bytes,
@@ -99,6 +99,14 @@ pub enum Out {
         /// Which.
         conn: ConnId,
     },
+    /// Send one wake datagram on `fd` (a subscriber's wake socket), without blocking; a full
+    /// socket already holds a wakeup. The broker nudges a subscriber it suspects of stalling
+    /// before it judges it: a parked honest subscriber whose publisher did not wake it then
+    /// reads, and is not evicted for its publisher's silence.
+    Wake {
+        /// The send end of the subscriber's wake socket.
+        fd: Arc<OwnedFd>,
+    },
 }
 
 /// Which half of an introduction to perform (see [`Engine::connect_pair`]).
@@ -130,6 +138,9 @@ const SPARE_FRAMES: usize = 256;
 /// Only buffers up to this capacity are kept (the pool stays within 1 MiB); DELIVERs of larger
 /// messages allocate, which their copy dwarfs anyway.
 const SPARE_FRAME_BYTES: usize = 4096;
+/// Most ring records (delivered or skipped) one call of `pump_fallback` handles: the loop's
+/// turn is bounded whatever a ring holds.
+const RELAY_STEPS: usize = 1024;
 /// How soon a datagram publisher's backlog is retried.
 const BACKLOG_RETRY: Duration = Duration::from_millis(1);
 
@@ -151,6 +162,9 @@ struct Client {
     inflight: u32,
     /// Reads are paused ([`Out::PauseReads`]) until its publishers' backlogs drain.
     paused: bool,
+    /// File descriptors the broker holds for its publishers and subscribers
+    /// (`limits.max_fds_per_client`).
+    fds: u32,
 }
 
 struct Topic {
@@ -164,11 +178,32 @@ struct Topic {
     /// Ring size and message limit are fixed once declared or once a publisher created a ring;
     /// a topic made by a subscriber takes them from its first publisher.
     geometry_fixed: bool,
-    slots: [Option<u64>; bus_core::layout::CURSOR_SLOTS],
+    slots: [Slot; bus_core::layout::CURSOR_SLOTS],
     publishers: Vec<u64>,
     subscribers: Vec<u64>,
     evictions: u64,
 }
+
+/// A publisher slot of a topic: the index of the cursor each subscriber keeps for that
+/// publisher's ring, in its cursor page.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+enum Slot {
+    #[default]
+    Free,
+    /// Held by this publisher.
+    Used(u64),
+    /// Its publisher left, but these subscribers may still read its ring (they drain it, then
+    /// send RING_RELEASED): their cursor for this slot still describes the old ring, so a new
+    /// reliable publisher must not read it as theirs. Free once `holders` is empty.
+    Draining {
+        publisher: u64,
+        holders: Vec<u64>,
+        since: Instant,
+    },
+}
+
+const FREE_SLOTS: [Slot; bus_core::layout::CURSOR_SLOTS] =
+    [const { Slot::Free }; bus_core::layout::CURSOR_SLOTS];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Life {
@@ -192,6 +227,41 @@ struct Publisher {
     refused: u64,
     /// When it became live, in the engine's event order (see `Engine::live_clock`).
     live_seq: u64,
+    /// A datagram publisher that was closed (CLOSE_PUBLISHER, or its client left) while
+    /// messages it had been told were accepted still waited in `backlog`: it stays until they
+    /// are written, then goes. Holds the CLOSE_PUBLISHER to answer once they are.
+    closing: Option<Closing>,
+    /// Subscribers that said RING_RELEASED for this ring: they read no more of it, so they are
+    /// neither waited for nor judged on it.
+    released: BTreeSet<u64>,
+    /// File descriptors the broker holds for it: the ring, and for a datagram publisher a
+    /// duplicate of the wake socket of each shared-memory subscriber its relay wakes (the
+    /// subscribers in `woken`).
+    fds: u32,
+    woken: BTreeSet<u64>,
+}
+
+/// A datagram publisher's deferred removal (see [`Publisher::closing`]).
+#[derive(Clone, Copy, Debug)]
+struct Closing {
+    /// The CLOSE_PUBLISHER request to answer with OK, if its connection is still there.
+    reply: Option<(ConnId, u64)>,
+    reason: PeerGoneReason,
+}
+
+/// What the stall check knows about one (subscriber, publisher) pair.
+#[derive(Clone, Copy, Debug)]
+struct Stall {
+    /// The furthest position this subscriber has provably reached in the ring (a record
+    /// boundary the writer wrote). Honest cursors only grow; moving back and forth below this
+    /// frees nothing, so it is no progress.
+    high_water: u64,
+    /// Since when it has made no progress while the writer waits for it.
+    since: Instant,
+    /// The subscriber was nudged through its wake socket in this episode.
+    woken: bool,
+    /// Its cursor has been seen attached to this ring (not "detached").
+    attached: bool,
 }
 
 struct Fallback {
@@ -204,6 +274,29 @@ struct Fallback {
     removed: Vec<u64>,
     /// Publishers that left: their rings are read to the end, then dropped.
     gone: Vec<u64>,
+    /// The next sequence number of each ring (for SKIPPED after a corrupt record).
+    next_seq: NextSeq,
+}
+
+/// Sequence number expected next, per publisher id (at most one entry per publisher slot).
+#[derive(Debug, Default)]
+struct NextSeq(Vec<(u64, u64)>);
+
+impl NextSeq {
+    fn note(&mut self, pid: u64, next: u64) {
+        match self.0.iter_mut().find(|(p, _)| *p == pid) {
+            Some(e) => e.1 = next,
+            None => self.0.push((pid, next)),
+        }
+    }
+
+    fn get(&self, pid: u64) -> u64 {
+        self.0.iter().find(|(p, _)| *p == pid).map_or(0, |e| e.1)
+    }
+
+    fn forget(&mut self, pid: u64) {
+        self.0.retain(|(p, _)| *p != pid);
+    }
 }
 
 struct Subscriber {
@@ -218,10 +311,13 @@ struct Subscriber {
     view: Option<CursorView>,
     /// Datagram subscribers: the broker reads the rings for it.
     fallback: Option<Fallback>,
-    /// Stall tracking per publisher id: (cursor seen, since when).
-    stall: BTreeMap<u64, (u64, Instant)>,
+    /// Stall tracking per publisher id.
+    stall: BTreeMap<u64, Stall>,
     /// When it became live, in the engine's event order.
     live_seq: u64,
+    /// File descriptors the broker holds for it: the cursor page and the wake socket's send
+    /// end; for datagram delivery also the wake socket's receive end and the driver's copy.
+    fds: u32,
 }
 
 /// The broker's state: clients, topics, rings.
@@ -256,6 +352,17 @@ pub struct Engine {
     /// that said HELLO or left are skipped and dropped lazily. Keeps `next_deadline` O(1)
     /// amortised instead of a walk over every client on each loop turn.
     hello_deadlines: VecDeque<(Instant, ConnId)>,
+    /// A topic that must survive its last member leaving for a moment (a publisher is being
+    /// added to it).
+    keep_topic: Option<u64>,
+    /// Datagram subscribers whose relay stopped at its work bound ([`RELAY_STEPS`]) with
+    /// more to do: pumped again on the next tick (at once).
+    pump_again: Vec<u64>,
+    /// File descriptors the engine may hold for segments and wake sockets, all clients
+    /// together (the driver and the connections themselves have theirs apart:
+    /// [`Engine::set_fd_budget`]), and how many it holds.
+    fd_budget: u64,
+    fds_used: u64,
 }
 
 fn mode_of(req: ModeRequest) -> Option<Mode> {
@@ -270,6 +377,76 @@ fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Reliable => "reliable",
         Mode::Lossy => "lossy",
+    }
+}
+
+/// The ring size a request for `ring_bytes` (non-zero) gets: the next power of two, at least
+/// [`MIN_DATA_BYTES`]; `None` if that does not fit in a u64 (a request near 2^64 must be
+/// refused, never wrapped).
+fn ring_size_for(ring_bytes: u64) -> Option<u64> {
+    ring_bytes
+        .max(MIN_DATA_BYTES as u64)
+        .checked_next_power_of_two()
+}
+
+/// Longest memfd name Linux accepts (`memfd_create`: 249 bytes plus the NUL).
+const MEMFD_NAME_BYTES: usize = 249;
+
+/// A memfd name for a topic's segment, `membus:<topic>:<suffix>`, with the topic cut on a
+/// character boundary so that the name always fits (the name is for people reading
+/// /proc/PID/fd; nothing looks a segment up by it).
+fn memfd_name(topic: &str, suffix: std::fmt::Arguments<'_>) -> String {
+    let suffix = suffix.to_string();
+    let room = MEMFD_NAME_BYTES - "membus:".len() - 1 - suffix.len();
+    let topic = &topic[..topic.floor_char_boundary(room)];
+    format!("membus:{topic}:{suffix}")
+}
+
+/// Descriptors the broker holds for a subscriber: cursor page and wake send end; for datagram
+/// delivery also the wake receive end and the copy the driver watches.
+fn subscriber_fds(delivery: Transport) -> u32 {
+    match delivery {
+        Transport::Shm => 2,
+        _ => 4,
+    }
+}
+
+/// Whether a segment error (or one of its sources) is EMFILE / ENFILE.
+fn out_of_fds(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(23 | 24))
+        {
+            return true;
+        }
+        if let Some(errno) = err.downcast_ref::<rustix::io::Errno>()
+            && matches!(*errno, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// A segment could not be created: out of descriptors is the broker's limit, not an internal
+/// fault.
+fn segment_error(what: &str, e: impl std::fmt::Display, fds_out: bool) -> Reject {
+    if fds_out {
+        reject(
+            ErrorCode::LimitReached,
+            format!(
+                "cannot create the {what}: the broker is out of file descriptors ({e}); raise \
+                 its limit (ulimit -n, LimitNOFILE=) or lower limits.max_clients / \
+                 limits.max_fds_per_client"
+            ),
+        )
+    } else {
+        reject(
+            ErrorCode::Internal,
+            format!("cannot create the {what}: {e}"),
+        )
     }
 }
 
@@ -316,6 +493,10 @@ impl Engine {
             spare_frames: Vec::new(),
             dirty_relays: Vec::new(),
             hello_deadlines: VecDeque::new(),
+            keep_topic: None,
+            pump_again: Vec::new(),
+            fd_budget: u64::MAX,
+            fds_used: 0,
         };
         for d in e.decls.clone() {
             let id = e.alloc_id();
@@ -328,13 +509,72 @@ impl Engine {
                 stall_timeout: Duration::from_millis(d.stall_timeout_ms.into()),
                 declared: true,
                 geometry_fixed: true,
-                slots: [None; bus_core::layout::CURSOR_SLOTS],
+                slots: FREE_SLOTS,
                 publishers: Vec::new(),
                 subscribers: Vec::new(),
                 evictions: 0,
             });
         }
         e
+    }
+
+    /// Sets how many file descriptors the engine may hold for segments and wake sockets, all
+    /// clients together (the daemon derives it from RLIMIT_NOFILE after reserving the
+    /// driver's and one per connection). Unlimited by default.
+    pub fn set_fd_budget(&mut self, fds: u64) {
+        self.fd_budget = fds;
+    }
+
+    /// File descriptors the engine holds for segments and wake sockets.
+    pub fn fds_in_use(&self) -> u64 {
+        self.fds_used
+    }
+
+    /// Refuses a request that would make the broker hold `need` more descriptors for `conn`
+    /// (and `others` for other clients: the wake-socket copies of datagram publishers' relays)
+    /// than its quota or the broker's budget allow (`limit-reached`, naming the limit).
+    fn check_fds(&self, conn: ConnId, need: u32, others: u32) -> Result<(), Reject> {
+        let held = self.clients.get(&conn).map_or(0, |c| c.fds);
+        let quota = self.limits.max_fds_per_client;
+        if held + need > quota {
+            return Err(reject(
+                ErrorCode::LimitReached,
+                format!(
+                    "this connection's publishers and subscribers hold {held} of the {quota} \
+                     file descriptors one client may have the broker hold \
+                     (limits.max_fds_per_client), and this request needs {need}; close some, \
+                     or raise the limit in the broker config"
+                ),
+            ));
+        }
+        if self.fds_used + u64::from(need) + u64::from(others) > self.fd_budget {
+            return Err(reject(
+                ErrorCode::LimitReached,
+                format!(
+                    "the broker holds {} of the {} file descriptors it may use for rings and \
+                     cursor pages (its RLIMIT_NOFILE less what connections need); try again \
+                     later, or raise the broker's file-descriptor limit (ulimit -n, \
+                     LimitNOFILE=)",
+                    self.fds_used, self.fd_budget
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts `n` descriptors held for `conn` (which may be gone: only the total counts then).
+    fn charge_fds(&mut self, conn: ConnId, n: u32) {
+        self.fds_used += u64::from(n);
+        if let Some(c) = self.clients.get_mut(&conn) {
+            c.fds += n;
+        }
+    }
+
+    fn refund_fds(&mut self, conn: ConnId, n: u32) {
+        self.fds_used = self.fds_used.saturating_sub(u64::from(n));
+        if let Some(c) = self.clients.get_mut(&conn) {
+            c.fds = c.fds.saturating_sub(n);
+        }
     }
 
     /// Replaces the policy (SIGHUP reload succeeded). Existing publishers and subscribers stay.
@@ -424,6 +664,7 @@ impl Engine {
             subscribers: Vec::new(),
             inflight: 0,
             paused: false,
+            fds: 0,
         };
         let full = self.clients.len() >= self.limits.max_clients as usize;
         if let Phase::AwaitingHello { deadline } = client.phase {
@@ -553,12 +794,14 @@ impl Engine {
                 None => self.next_stall_check = Some(now + STALL_CHECK_EVERY),
             }
         }
-        let fallback_subs: Vec<u64> = self
+        let mut fallback_subs: Vec<u64> = self
             .subscribers
             .values()
             .filter(|s| s.fallback.is_some())
             .map(|s| s.id)
             .collect();
+        fallback_subs.sort_unstable();
+        self.pump_again.clear();
         for sid in fallback_subs {
             self.pump_fallback(sid);
         }
@@ -585,7 +828,11 @@ impl Engine {
         } else {
             None
         };
-        [handshake, backlog, stall].into_iter().flatten().min()
+        let relay = (!self.pump_again.is_empty()).then_some(self.now);
+        [handshake, backlog, stall, relay]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn awaiting_hello(&self, conn: ConnId) -> bool {
@@ -678,6 +925,10 @@ impl Engine {
             }
             Msg::Unsubscribe { subscriber_id } => self.unsubscribe(conn, rid, subscriber_id),
             Msg::Publish(p) => self.publish(conn, p.publisher_id, p.payload),
+            Msg::RingReleased {
+                subscriber_id,
+                publisher_id,
+            } => self.ring_released(conn, subscriber_id, publisher_id),
             Msg::StatsRequest => {
                 self.stats(conn, rid);
                 Ok(())
@@ -693,6 +944,7 @@ impl Engine {
             | Msg::PeerGone(_)
             | Msg::Evicted(_)
             | Msg::Deliver(_)
+            | Msg::Skipped(_)
             | Msg::StatsReply(_)) => Err(reject(
                 ErrorCode::InvalidRequest,
                 format!("{} is sent by the broker, not to it", other.msg_type()),
@@ -795,11 +1047,6 @@ impl Engine {
         max_message_bytes: u32,
     ) -> Result<u64, Reject> {
         if let Some(&id) = self.topic_by_name.get(name) {
-            if !self.topics[&id].geometry_fixed && (ring_bytes != 0 || max_message_bytes != 0) {
-                let (ring, max) = self.geometry(ring_bytes, max_message_bytes)?;
-                let t = self.topics.get_mut(&id).expect("exists");
-                (t.ring_bytes, t.max_message_bytes, t.geometry_fixed) = (ring, max, true);
-            }
             let t = &self.topics[&id];
             if let Some(m) = mode_of(mode)
                 && m != t.mode
@@ -814,7 +1061,14 @@ impl Engine {
                     ),
                 ));
             }
-            if ring_bytes != 0 && ring_bytes.next_power_of_two() != t.ring_bytes {
+            if !t.geometry_fixed && (ring_bytes != 0 || max_message_bytes != 0) {
+                // The first publisher fixes the size of a topic a subscriber made.
+                let (ring, max) = self.geometry(ring_bytes, max_message_bytes)?;
+                let t = self.topics.get_mut(&id).expect("exists");
+                (t.ring_bytes, t.max_message_bytes, t.geometry_fixed) = (ring, max, true);
+                return Ok(id);
+            }
+            if ring_bytes != 0 && ring_size_for(ring_bytes) != Some(t.ring_bytes) {
                 return Err(reject(
                     ErrorCode::TopicConflict,
                     format!(
@@ -857,7 +1111,7 @@ impl Engine {
             stall_timeout: Duration::from_millis(stall.into()),
             declared: false,
             geometry_fixed: ring_bytes != 0 || max_message_bytes != 0,
-            slots: [None; bus_core::layout::CURSOR_SLOTS],
+            slots: FREE_SLOTS,
             publishers: Vec::new(),
             subscribers: Vec::new(),
             evictions: 0,
@@ -869,19 +1123,20 @@ impl Engine {
     /// Ring size and message limit for a request (0 = defaults), checked against the limits.
     fn geometry(&self, ring_bytes: u64, max_message_bytes: u32) -> Result<(u64, u32), Reject> {
         let ring = if ring_bytes == 0 {
-            self.limits.default_ring_bytes
+            Some(self.limits.default_ring_bytes)
         } else {
-            ring_bytes.max(MIN_DATA_BYTES as u64).next_power_of_two()
+            ring_size_for(ring_bytes)
         };
-        if ring > self.limits.max_ring_bytes {
+        let Some(ring) = ring.filter(|&r| r <= self.limits.max_ring_bytes) else {
             return Err(reject(
                 ErrorCode::TooLarge,
                 format!(
-                    "a ring of {ring} bytes exceeds the broker's limit of {} (limits.max_ring_bytes)",
+                    "a ring of {ring_bytes} bytes exceeds the broker's limit of {} bytes \
+                     (limits.max_ring_bytes); ask for at most that, or 0 for the default",
                     self.limits.max_ring_bytes
                 ),
             ));
-        }
+        };
         let fit = max_message_bytes_for(ring as usize) as u32;
         if max_message_bytes > fit {
             return Err(reject(
@@ -933,23 +1188,99 @@ impl Engine {
             req.ring_data_bytes,
             req.max_message_bytes,
         )?;
-        let limit =
-            (self.limits.max_publishers_per_topic as usize).min(bus_core::layout::CURSOR_SLOTS);
-        let topic = &self.topics[&tid];
-        let slot = topic.slots[..limit].iter().position(Option::is_none).ok_or_else(|| {
-            reject(
+        let result = self.create_publisher_on(conn, rid, &req, tid);
+        if result.is_err() {
+            // No error path leaves a topic behind that nobody is on.
+            self.maybe_drop_topic(tid);
+        }
+        result
+    }
+
+    /// Picks a publisher slot of `tid`: a free one, else one whose old ring's readers have
+    /// held it past the topic's stall limit (they are evicted: a subscriber that neither
+    /// drains a departed publisher's ring nor lets go of it must not lock publishers out).
+    fn claim_slot(&mut self, tid: u64, limit: usize) -> Result<usize, Reject> {
+        let t = &self.topics[&tid];
+        if let Some(i) = t.slots[..limit].iter().position(|s| *s == Slot::Free) {
+            return Ok(i);
+        }
+        let now = self.now;
+        let stale = t.slots[..limit].iter().position(
+            |s| matches!(s, Slot::Draining { since, .. } if now.duration_since(*since) >= t.stall_timeout),
+        );
+        let (name, stall) = (t.name.clone(), t.stall_timeout);
+        let Some(i) = stale else {
+            let draining = t.slots[..limit]
+                .iter()
+                .filter(|s| matches!(s, Slot::Draining { .. }))
+                .count();
+            return Err(reject(
                 ErrorCode::LimitReached,
                 format!(
-                    "topic '{}' has {limit} publishers, the limit (limits.max_publishers_per_topic)",
-                    req.topic
+                    "topic '{name}' has {limit} publishers, the limit \
+                     (limits.max_publishers_per_topic){}",
+                    if draining > 0 {
+                        format!(
+                            "; {draining} of the slots belong to publishers that left and are \
+                             freed once their subscribers have read what they left (at most \
+                             {} ms); try again then",
+                            stall.as_millis()
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
-            )
-        })?;
+            ));
+        };
+        if let Slot::Draining { holders, .. } = &self.topics[&tid].slots[i] {
+            let why = format!(
+                "you did not finish reading (or release) the ring of a publisher that left \
+                 within {} ms, and a new publisher needs its slot; read faster or use a \
+                 larger stall limit",
+                stall.as_millis()
+            );
+            self.keep_topic = Some(tid);
+            for sid in holders.clone() {
+                self.evict(sid, tid, &why);
+            }
+            self.keep_topic = None;
+        }
+        let t = self.topics.get_mut(&tid).expect("kept");
+        t.slots[i] = Slot::Free;
+        Ok(i)
+    }
+
+    fn create_publisher_on(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        req: &CreatePublisher<'_>,
+        tid: u64,
+    ) -> Result<(), Reject> {
+        let limit =
+            (self.limits.max_publishers_per_topic as usize).min(bus_core::layout::CURSOR_SLOTS);
+        let need = 1 + if req.transport == Transport::Datagram {
+            // Its relay keeps a copy of each shared-memory subscriber's wake socket.
+            self.topics[&tid]
+                .subscribers
+                .iter()
+                .filter(|sid| {
+                    self.subscribers
+                        .get(sid)
+                        .is_some_and(|s| s.life == Life::Live && s.delivery == Transport::Shm)
+                })
+                .count() as u32
+        } else {
+            0
+        };
+        self.check_fds(conn, need, 0)?;
+        let slot = self.claim_slot(tid, limit)?;
+        let topic = &self.topics[&tid];
         let (ring_bytes, mode, max_msg) = (topic.ring_bytes, topic.mode, topic.max_message_bytes);
         let pid = self.alloc_id();
-        let name = format!("membus:{}:p{pid}", req.topic);
+        let name = memfd_name(req.topic, format_args!("p{pid}"));
         let ring_fd = create_ring(&name, ring_bytes as usize)
-            .map_err(|e| reject(ErrorCode::Internal, format!("cannot create the ring: {e}")))?;
+            .map_err(|e| segment_error("ring", &e, out_of_fds(&e)))?;
         let mut p = Publisher {
             id: pid,
             topic: tid,
@@ -963,6 +1294,10 @@ impl Engine {
             backlog: VecDeque::new(),
             refused: 0,
             live_seq: 0,
+            closing: None,
+            released: BTreeSet::new(),
+            fds: 1,
+            woken: BTreeSet::new(),
         };
         let grant = RingGranted {
             role: if req.transport == Transport::Shm {
@@ -998,7 +1333,7 @@ impl Engine {
             p.writer = Some(writer);
         }
         let topic = self.topics.get_mut(&tid).expect("exists");
-        topic.slots[slot] = Some(pid);
+        topic.slots[slot] = Slot::Used(pid);
         topic.publishers.push(pid);
         self.clients
             .get_mut(&conn)
@@ -1011,9 +1346,13 @@ impl Engine {
             Vec::new()
         };
         self.publishers.insert(pid, p);
+        self.charge_fds(conn, 1);
         self.send(conn, rid, Msg::RingGranted(grant), fds);
-        if req.transport == Transport::Datagram {
-            self.make_publisher_live(pid, None)?;
+        if req.transport == Transport::Datagram
+            && let Err(r) = self.make_publisher_live(pid, None)
+        {
+            self.remove_publisher(pid, PeerGoneReason::ProtocolError);
+            return Err(r);
         }
         Ok(())
     }
@@ -1126,18 +1465,26 @@ impl Engine {
             };
             match (view, wake) {
                 (Ok(view), Ok(wake)) => {
-                    let w = self
-                        .publishers
-                        .get_mut(&pid)
-                        .and_then(|p| p.writer.as_mut())
-                        .expect("relay");
+                    let has_wake = wake.is_some();
+                    let p = self.publishers.get_mut(&pid).expect("exists");
+                    let w = p.writer.as_mut().expect("relay");
                     let added = if from_start {
                         w.add_reader_from_start(view, slot as usize, wake)
                     } else {
                         w.add_reader(view, slot as usize, wake)
                     };
-                    if let Err(e) = added {
-                        tracing::warn!(publisher = pid, subscriber = sid, %e, "relay cannot track subscriber");
+                    match added {
+                        Ok(()) if has_wake && p.woken.insert(sid) => {
+                            p.fds += 1;
+                            self.charge_fds(pconn, 1);
+                        }
+                        Ok(()) => {}
+                        // Config validation bounds subscribers per topic by the readers a
+                        // writer tracks, so this is a broker bug: loud, not silent.
+                        Err(e) => tracing::error!(
+                            publisher = pid, subscriber = sid, %e,
+                            "relay cannot track subscriber: its reliable delivery is not guaranteed"
+                        ),
                     }
                 }
                 (Err(e), _) => tracing::warn!(subscriber = sid, %e, "cursor page unusable"),
@@ -1211,9 +1558,45 @@ impl Engine {
 
     fn close_publisher(&mut self, conn: ConnId, rid: u64, pid: u64) -> Result<(), Reject> {
         self.own_publisher(conn, pid)?;
-        self.remove_publisher(pid, PeerGoneReason::Closed);
-        self.send(conn, rid, Msg::Ok, Vec::new());
+        if self.publishers[&pid].closing.is_some() {
+            return Err(reject(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "publisher {pid} is already closing; its OK comes once its backlog is written"
+                ),
+            ));
+        }
+        // OK means every message accepted from it is in its ring (docs/protocol.md, "Datagram
+        // fallback"): with a backlog, the answer waits for the backlog to drain.
+        if !self.close_after_backlog(pid, Some((conn, rid)), PeerGoneReason::Closed) {
+            self.remove_publisher(pid, PeerGoneReason::Closed);
+            self.send(conn, rid, Msg::Ok, Vec::new());
+        }
         Ok(())
+    }
+
+    /// A datagram publisher with messages still waiting for ring space is not removed yet: it
+    /// is marked closing, and [`Engine::flush_backlog`] removes it (and answers `reply`) once
+    /// they are written. Returns false if there is nothing to wait for.
+    fn close_after_backlog(
+        &mut self,
+        pid: u64,
+        reply: Option<(ConnId, u64)>,
+        reason: PeerGoneReason,
+    ) -> bool {
+        let Some(p) = self.publishers.get_mut(&pid) else {
+            return false;
+        };
+        if p.backlog.is_empty() || p.writer.is_none() {
+            return false;
+        }
+        tracing::debug!(
+            publisher = pid,
+            backlog = p.backlog.len(),
+            "publisher closed: writing its backlog first"
+        );
+        p.closing = Some(Closing { reply, reason });
+        true
     }
 
     fn remove_publisher(&mut self, pid: u64, reason: PeerGoneReason) {
@@ -1224,6 +1607,7 @@ impl Engine {
             // Datagram publisher: its ring is drained by subscribers like any other.
             w.close();
         }
+        self.refund_fds(p.conn, p.fds);
         if let Some(c) = self.clients.get_mut(&p.conn) {
             c.publishers.retain(|&x| x != pid);
         }
@@ -1233,9 +1617,40 @@ impl Engine {
             return;
         };
         t.publishers.retain(|&x| x != pid);
-        t.slots[p.slot as usize] = None;
         let topic = t.id;
         let subs = t.subscribers.clone();
+        // Subscribers that read its ring keep their cursor for this slot until they are done
+        // with it (reliable topics: a new writer in the slot would take that cursor for its
+        // own). Lossy writers never read cursors, so the slot is free at once.
+        let holders: Vec<u64> = if p.life == Life::Live && t.mode == Mode::Reliable {
+            subs.iter()
+                .copied()
+                .filter(|sid| {
+                    !p.released.contains(sid)
+                        && self
+                            .subscribers
+                            .get(sid)
+                            .is_some_and(|s| s.life == Life::Live)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let t = self.topics.get_mut(&p.topic).expect("exists");
+        t.slots[p.slot as usize] = if holders.is_empty() {
+            Slot::Free
+        } else {
+            Slot::Draining {
+                publisher: pid,
+                holders,
+                since: self.now,
+            }
+        };
+        for sid in &subs {
+            if let Some(s) = self.subscribers.get_mut(sid) {
+                s.stall.remove(&pid);
+            }
+        }
         if p.life == Life::Live {
             for sid in subs {
                 let Some(s) = self.subscribers.get(&sid) else {
@@ -1268,6 +1683,9 @@ impl Engine {
     }
 
     fn maybe_drop_topic(&mut self, tid: u64) {
+        if self.keep_topic == Some(tid) {
+            return;
+        }
         let Some(t) = self.topics.get(&tid) else {
             return;
         };
@@ -1287,6 +1705,37 @@ impl Engine {
             ));
         }
         let tid = self.topic_for(req.topic, req.mode, 0, 0)?;
+        let result = self.subscribe_on(conn, rid, &req, tid);
+        if result.is_err() {
+            self.maybe_drop_topic(tid);
+        }
+        result
+    }
+
+    fn subscribe_on(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        req: &Subscribe<'_>,
+        tid: u64,
+    ) -> Result<(), Reject> {
+        let topic = &self.topics[&tid];
+        // A shared-memory subscriber costs each datagram publisher's relay a copy of its wake
+        // socket.
+        let relays = if req.delivery == Transport::Shm {
+            topic
+                .publishers
+                .iter()
+                .filter(|pid| {
+                    self.publishers
+                        .get(pid)
+                        .is_some_and(|p| p.life == Life::Live && p.writer.is_some())
+                })
+                .count() as u32
+        } else {
+            0
+        };
+        self.check_fds(conn, subscriber_fds(req.delivery), relays)?;
         let topic = &self.topics[&tid];
         if topic.subscribers.len() >= self.limits.max_subscribers_per_topic as usize {
             return Err(reject(
@@ -1300,9 +1749,10 @@ impl Engine {
         let mode = topic.mode;
         let sid = self.alloc_id();
         let internal = |e: String| reject(ErrorCode::Internal, e);
-        let cursor_fd = create_cursor_page(&format!("membus:{}:s{sid}", req.topic))
-            .map_err(|e| internal(format!("cannot create the cursor page: {e}")))?;
-        let (tx, rx) = bus_core::wake::pair().map_err(|e| internal(e.to_string()))?;
+        let cursor_fd = create_cursor_page(&memfd_name(req.topic, format_args!("s{sid}")))
+            .map_err(|e| segment_error("cursor page", &e, out_of_fds(&e)))?;
+        let (tx, rx) =
+            bus_core::wake::pair().map_err(|e| segment_error("wake socket", &e, out_of_fds(&e)))?;
         let mut s = Subscriber {
             id: sid,
             topic: tid,
@@ -1315,6 +1765,7 @@ impl Engine {
             fallback: None,
             stall: BTreeMap::new(),
             live_seq: 0,
+            fds: subscriber_fds(req.delivery),
         };
         let mut fds = Vec::new();
         if req.delivery == Transport::Datagram {
@@ -1325,8 +1776,10 @@ impl Engine {
                 .map_err(|e| internal(format!("cannot set up the relay cursor page: {e}")))?;
             let token = self.alloc_id();
             let rx_fd: OwnedFd = rx.into();
-            let rx_dup = rustix::io::fcntl_dupfd_cloexec(&rx_fd, 0)
-                .map_err(|e| internal(format!("cannot dup the wake socket: {e}")))?;
+            let rx_dup = rustix::io::fcntl_dupfd_cloexec(&rx_fd, 0).map_err(|e| {
+                let out = matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE);
+                segment_error("wake socket copy", e, out)
+            })?;
             let wake = WakeReceiver::from_fd(rx_fd).map_err(|e| internal(e.to_string()))?;
             self.tokens.insert(token, sid);
             self.out.push_back(Out::Watch {
@@ -1342,6 +1795,7 @@ impl Engine {
                 lost: 0,
                 removed: Vec::new(),
                 gone: Vec::new(),
+                next_seq: NextSeq::default(),
             });
         } else {
             fds = vec![s.cursor_fd.clone(), Arc::new(rx.into())];
@@ -1356,7 +1810,9 @@ impl Engine {
             .expect("exists")
             .subscribers
             .push(sid);
+        let own = s.fds;
         self.subscribers.insert(sid, s);
+        self.charge_fds(conn, own);
         let reply = Subscribed {
             subscriber_id: sid,
             topic_id: tid,
@@ -1364,8 +1820,11 @@ impl Engine {
             delivery: req.delivery,
         };
         self.send(conn, rid, Msg::Subscribed(reply), fds);
-        if req.delivery == Transport::Datagram {
-            self.make_subscriber_live(sid, None)?;
+        if req.delivery == Transport::Datagram
+            && let Err(r) = self.make_subscriber_live(sid, None)
+        {
+            self.remove_subscriber(sid, PeerGoneReason::ProtocolError);
+            return Err(r);
         }
         Ok(())
     }
@@ -1451,6 +1910,7 @@ impl Engine {
         let Some(s) = self.subscribers.remove(&sid) else {
             return;
         };
+        self.refund_fds(s.conn, s.fds);
         if let Some(fb) = &s.fallback {
             fb.page.close();
             self.tokens.remove(&fb.token);
@@ -1465,13 +1925,14 @@ impl Engine {
         t.subscribers.retain(|&x| x != sid);
         let topic = t.id;
         let pubs = t.publishers.clone();
+        self.drop_slot_holder(topic, sid, None);
         if s.life == Life::Live {
             for pid in pubs {
                 let Some(p) = self.publishers.get_mut(&pid) else {
                     continue;
                 };
-                if let Some(w) = p.writer.as_mut() {
-                    w.remove_reader(sid);
+                if p.writer.is_some() {
+                    self.relay_drop_reader(pid, sid);
                 } else if p.life == Life::Live {
                     let conn = p.conn;
                     let gone = PeerGone {
@@ -1492,7 +1953,10 @@ impl Engine {
             return;
         };
         for pid in c.publishers {
-            self.remove_publisher(pid, reason);
+            // What a datagram publisher had been told was accepted is still written.
+            if !self.close_after_backlog(pid, None, reason) {
+                self.remove_publisher(pid, reason);
+            }
         }
         for sid in c.subscribers {
             self.remove_subscriber(sid, reason);
@@ -1507,6 +1971,12 @@ impl Engine {
     fn publish(&mut self, conn: ConnId, pid: u64, payload: &[u8]) -> Result<(), Reject> {
         self.own_publisher(conn, pid)?;
         let p = self.publishers.get_mut(&pid).expect("checked");
+        if p.closing.is_some() {
+            return Err(reject(
+                ErrorCode::InvalidRequest,
+                format!("publisher {pid} is closing (CLOSE_PUBLISHER was sent); create a new one"),
+            ));
+        }
         let Some(w) = p.writer.as_mut() else {
             return Err(reject(
                 ErrorCode::InvalidRequest,
@@ -1515,12 +1985,23 @@ impl Engine {
                 ),
             ));
         };
-        let max = w.config().max_message_bytes as usize;
+        let topic_max = w.config().max_message_bytes as usize;
+        // What a datagram publisher sends must reach datagram subscribers too: nothing larger
+        // than a DELIVER can carry is accepted (shared-memory publishers can send more).
+        let max = topic_max.min(MAX_FALLBACK_MESSAGE_BYTES);
         if payload.len() > max {
+            let why = if max < topic_max {
+                format!(
+                    "the datagram fallback carries at most {MAX_FALLBACK_MESSAGE_BYTES} bytes per \
+                     message (one DELIVER datagram); publish it through shared memory, or split it"
+                )
+            } else {
+                "this topic's maximum (set by its ring size)".to_owned()
+            };
             return Err(reject(
                 ErrorCode::TooLarge,
                 format!(
-                    "message of {} bytes exceeds this topic's maximum of {max} bytes",
+                    "message of {} bytes exceeds {max} bytes: {why}",
                     payload.len()
                 ),
             ));
@@ -1592,10 +2073,19 @@ impl Engine {
             moved = true;
         }
         let empty = p.backlog.is_empty();
+        let closing = p.closing.filter(|_| empty);
         if moved {
             self.pump_relays(topic);
         }
-        if empty {
+        if let Some(Closing { reply, reason }) = closing {
+            // Everything it had accepted is in the ring: now it goes.
+            self.remove_publisher(pid, reason);
+            if let Some((conn, rid)) = reply
+                && self.clients.contains_key(&conn)
+            {
+                self.send(conn, rid, Msg::Ok, Vec::new());
+            }
+        } else if empty {
             self.maybe_resume_reads(conn);
         }
     }
@@ -1652,13 +2142,20 @@ impl Engine {
 
     /// Moves messages from a datagram subscriber's rings to DELIVER frames, while it has send
     /// credit. When the rings are empty, parks on its wake socket (announce, look again).
+    ///
+    /// No gap is silent: a message a DELIVER cannot carry (too large), a lossy message
+    /// overwritten while copied, and a ring that turned out corrupt each become a SKIPPED
+    /// frame naming publisher, sequence number and reason. The work of one call is bounded
+    /// ([`RELAY_STEPS`]): a subscriber with more to do is pumped again at the next tick, so a
+    /// ring no honest writer could produce can never hold the loop.
     fn pump_fallback(&mut self, sid: u64) {
         enum Step {
             Sent(Vec<u8>),
-            Skipped,
+            Skip(Skipped),
+            Corrupt(Skipped),
             Empty,
         }
-        loop {
+        for _ in 0..RELAY_STEPS {
             let Some(s) = self.subscribers.get_mut(&sid) else {
                 return;
             };
@@ -1672,6 +2169,7 @@ impl Engine {
             }
             fb.readers.remove_finished(&mut fb.removed);
             let readers = &mut fb.readers;
+            let removed = &mut fb.removed;
             fb.gone.retain(|&pid| {
                 let drained = readers
                     .readers()
@@ -1680,39 +2178,84 @@ impl Engine {
                     .is_none_or(|r| !r.has_pending());
                 if drained {
                     readers.remove(pid);
+                    removed.push(pid);
                 }
                 !drained
             });
+            if !fb.removed.is_empty() {
+                for &pid in &fb.removed {
+                    fb.next_seq.forget(pid);
+                }
+                let done = std::mem::take(&mut fb.removed);
+                for &pid in &done {
+                    self.release_ring(sid, pid);
+                }
+                if let Some(fb) = self
+                    .subscribers
+                    .get_mut(&sid)
+                    .and_then(|s| s.fallback.as_mut())
+                {
+                    fb.removed = done;
+                    fb.removed.clear();
+                }
+                continue;
+            }
             let frame = &mut self.scratch;
             let step = match fb.readers.try_recv() {
                 Ok(Some(sample)) => {
-                    let d = Deliver {
+                    let (publisher_id, seq) = (sample.publisher_id(), sample.seq());
+                    fb.next_seq.note(publisher_id, seq + 1);
+                    let skipped = |reason| Skipped {
                         subscriber_id: sid,
-                        publisher_id: sample.publisher_id(),
-                        seq: sample.seq(),
-                        timestamp_ns: sample.timestamp_ns(),
-                        lost_before: sample.lost_before(),
-                        payload: &sample,
+                        publisher_id,
+                        seq,
+                        len: sample.len() as u32,
+                        reason,
                     };
-                    let ok = Frame {
-                        request_id: 0,
-                        msg: Msg::Deliver(d),
-                    }
-                    .encode(frame)
-                    .is_ok();
-                    // Lossy rings: the copy is only good if the bytes were not overwritten.
-                    if ok && sample.is_intact() {
-                        let mut owned = self.spare_frames.pop().unwrap_or_default();
-                        owned.extend_from_slice(frame);
-                        Step::Sent(owned)
+                    if sample.len() > MAX_FALLBACK_MESSAGE_BYTES {
+                        Step::Skip(skipped(SkipReason::TooLarge))
                     } else {
-                        Step::Skipped
+                        let d = Deliver {
+                            subscriber_id: sid,
+                            publisher_id,
+                            seq,
+                            timestamp_ns: sample.timestamp_ns(),
+                            lost_before: sample.lost_before(),
+                            payload: &sample,
+                        };
+                        let ok = Frame {
+                            request_id: 0,
+                            msg: Msg::Deliver(d),
+                        }
+                        .encode(frame)
+                        .is_ok();
+                        // Lossy rings: the copy is only good if the bytes were not overwritten.
+                        if ok && sample.is_intact() {
+                            let mut owned = self.spare_frames.pop().unwrap_or_default();
+                            owned.extend_from_slice(frame);
+                            Step::Sent(owned)
+                        } else if ok {
+                            Step::Skip(skipped(SkipReason::Overwritten))
+                        } else {
+                            Step::Skip(skipped(SkipReason::TooLarge))
+                        }
                     }
                 }
                 Ok(None) => Step::Empty,
                 Err(e) => {
                     tracing::warn!(subscriber = sid, %e, "dropping a corrupt ring");
-                    Step::Skipped
+                    let bus_core::ring::RecvError::Corrupt { publisher_id, .. } = e else {
+                        // An error that names no ring: nothing to skip; look again next time.
+                        tracing::error!(subscriber = sid, %e, "relay read failed");
+                        return;
+                    };
+                    Step::Corrupt(Skipped {
+                        subscriber_id: sid,
+                        publisher_id,
+                        seq: fb.next_seq.get(publisher_id),
+                        len: 0,
+                        reason: SkipReason::CorruptRing,
+                    })
                 }
             };
             match step {
@@ -1727,7 +2270,18 @@ impl Engine {
                         fds: Vec::new(),
                     });
                 }
-                Step::Skipped => fb.lost += 1,
+                Step::Skip(skipped) => {
+                    fb.lost += 1;
+                    self.send(conn, 0, Msg::Skipped(skipped), Vec::new());
+                }
+                Step::Corrupt(skipped) => {
+                    fb.lost += 1;
+                    // Its reader goes (the cursor slot reads "detached"), the pair is released.
+                    fb.readers.remove(skipped.publisher_id);
+                    fb.gone.retain(|&g| g != skipped.publisher_id);
+                    self.send(conn, 0, Msg::Skipped(skipped), Vec::new());
+                    self.release_ring(sid, skipped.publisher_id);
+                }
                 Step::Empty => {
                     // Park: announce, then look again before relying on the wake socket.
                     protocol::announce_park(fb.page.park_word());
@@ -1738,19 +2292,119 @@ impl Engine {
                 }
             }
         }
+        // Out of steps with more to do: the next tick comes at once.
+        if !self.pump_again.contains(&sid) {
+            self.pump_again.push(sid);
+        }
+    }
+
+    /// Subscriber `sid` no longer reads publisher `pid`'s ring (RING_RELEASED, or the relay
+    /// dropped it). A live publisher stops waiting for it and it is no longer judged on that
+    /// ring; a departed publisher's slot is freed once no subscriber holds it.
+    fn release_ring(&mut self, sid: u64, pid: u64) {
+        let Some(s) = self.subscribers.get_mut(&sid) else {
+            return;
+        };
+        s.stall.remove(&pid);
+        let (tid, sub_live) = (s.topic, s.life == Life::Live);
+        if let Some(p) = self.publishers.get_mut(&pid)
+            && p.topic == tid
+        {
+            if !p.released.insert(sid) || !sub_live {
+                return;
+            }
+            if p.writer.is_some() {
+                self.relay_drop_reader(pid, sid);
+            } else if p.life == Life::Live {
+                let gone = PeerGone {
+                    topic_id: tid,
+                    peer: PeerKind::Subscriber,
+                    peer_id: sid,
+                    reason: PeerGoneReason::Closed,
+                };
+                let conn = p.conn;
+                self.send(conn, 0, Msg::PeerGone(gone), Vec::new());
+            }
+            return;
+        }
+        self.drop_slot_holder(tid, sid, Some(pid));
+    }
+
+    /// A datagram publisher's relay stops tracking subscriber `sid` (and closes its copy of
+    /// the subscriber's wake socket).
+    fn relay_drop_reader(&mut self, pid: u64, sid: u64) {
+        let Some(p) = self.publishers.get_mut(&pid) else {
+            return;
+        };
+        if let Some(w) = p.writer.as_mut() {
+            w.remove_reader(sid);
+        }
+        if p.woken.remove(&sid) {
+            p.fds -= 1;
+            let conn = p.conn;
+            self.refund_fds(conn, 1);
+        }
+    }
+
+    /// Removes `sid` from the holders of draining slots of `tid` (of publisher `pid` only, or
+    /// of all); a slot nobody holds any more is free.
+    fn drop_slot_holder(&mut self, tid: u64, sid: u64, pid: Option<u64>) {
+        let Some(t) = self.topics.get_mut(&tid) else {
+            return;
+        };
+        for slot in &mut t.slots {
+            if let Slot::Draining {
+                publisher, holders, ..
+            } = slot
+                && pid.is_none_or(|p| p == *publisher)
+            {
+                holders.retain(|&h| h != sid);
+                if holders.is_empty() {
+                    *slot = Slot::Free;
+                }
+            }
+        }
+    }
+
+    fn ring_released(&mut self, conn: ConnId, sid: u64, pid: u64) -> Result<(), Reject> {
+        self.own_subscriber(conn, sid)?;
+        self.release_ring(sid, pid);
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------------
     // Stalled reliable subscribers
     // -----------------------------------------------------------------------------------------
 
+    /// Finds reliable subscribers that hold a publisher back, judged only by what they
+    /// control and against what the writer provably needs (docs/security.md):
+    ///
+    /// * the position that counts is the subscriber's cursor when it is one the writer would
+    ///   respect: its own position (`next_pos`) or a committed record there, which the broker
+    ///   checks in the ring itself. Any other value (behind the window, ahead of the writer,
+    ///   mid-record, or a publisher's inflated `next_pos` that leaves an honest cursor short
+    ///   of any record) is a lie of one side and holds nobody back: the honest writer ignores
+    ///   it, so it accuses nobody;
+    /// * progress is passing the furthest such position seen before; moving back and forth
+    ///   below it frees nothing;
+    /// * the writer waits only if less than one largest record fits behind that position;
+    /// * before judging, the broker wakes the subscriber once (a parked honest subscriber
+    ///   whose publisher never woke it then reads).
+    ///
+    /// A subscriber that existed before the publisher and has not attached to its ring counts
+    /// as being at position 0 (it will read from there), until it releases the ring.
     fn check_stalls(&mut self, now: Instant) {
         let mut evict = Vec::new();
-        for t in self.topics.values() {
+        let mut wake = Vec::new();
+        let mut tids: Vec<u64> = self.topics.keys().copied().collect();
+        tids.sort_unstable();
+        for tid in tids {
+            let t = &self.topics[&tid];
             if t.mode != Mode::Reliable {
                 continue;
             }
-            for &sid in &t.subscribers {
+            let max_record = record_bytes(t.max_message_bytes as usize) as u64;
+            'subs: for &sid in &t.subscribers {
                 let Some(s) = self.subscribers.get_mut(&sid) else {
                     continue;
                 };
@@ -1760,38 +2414,78 @@ impl Engine {
                         continue;
                     };
                     let Some(monitor) = &p.monitor else { continue };
+                    if p.released.contains(&sid) {
+                        s.stall.remove(&pid);
+                        continue;
+                    }
                     let (next_pos, _) = monitor.writer_progress();
-                    let mut cursor = view.read_pos(p.slot as usize);
-                    if cursor == CURSOR_DETACHED {
-                        // A subscriber older than the publisher holds the ring from position 0
-                        // until it attaches; one that never does must not block it forever.
-                        if p.live_seq > s.live_seq {
-                            cursor = 0;
+                    let raw = view.read_pos(p.slot as usize);
+                    let entry = s.stall.entry(pid).or_insert(Stall {
+                        high_water: 0,
+                        since: now,
+                        woken: false,
+                        attached: false,
+                    });
+                    let pos = if raw == CURSOR_DETACHED {
+                        if p.live_seq > s.live_seq && !entry.attached {
+                            0
                         } else {
-                            s.stall.remove(&pid);
+                            entry.since = now;
                             continue;
                         }
+                    } else {
+                        entry.attached = true;
+                        raw
+                    };
+                    let respected = pos == next_pos
+                        || (pos < next_pos
+                            && next_pos - pos <= t.ring_bytes
+                            && monitor.committed_record_at(pos));
+                    if !respected {
+                        continue;
                     }
-                    // The writer may be blocked once less than one maximal record fits.
-                    let full = next_pos.saturating_sub(cursor)
-                        + record_bytes(t.max_message_bytes as usize) as u64
-                        > t.ring_bytes;
-                    let entry = s.stall.entry(pid).or_insert((cursor, now));
-                    if entry.0 != cursor || !full {
-                        *entry = (cursor, now);
-                    } else if now.duration_since(entry.1) >= t.stall_timeout {
-                        evict.push((sid, t.id, t.stall_timeout));
-                        break;
+                    if pos > entry.high_water {
+                        entry.high_water = pos;
+                        entry.since = now;
+                        entry.woken = false;
+                        continue;
+                    }
+                    let full = next_pos - pos + max_record > t.ring_bytes;
+                    if !full {
+                        entry.since = now;
+                        entry.woken = false;
+                    } else if now.duration_since(entry.since) >= t.stall_timeout && entry.woken {
+                        evict.push((sid, tid, t.stall_timeout));
+                        continue 'subs;
+                    } else if !entry.woken {
+                        entry.woken = true;
+                        wake.push(sid);
                     }
                 }
             }
         }
+        for sid in wake {
+            let Some(s) = self.subscribers.get(&sid) else {
+                continue;
+            };
+            if s.fallback.is_some() {
+                self.pump_fallback(sid);
+            } else {
+                let fd = s.wake_tx.clone();
+                self.out.push_back(Out::Wake { fd });
+            }
+        }
         for (sid, tid, limit) in evict {
-            self.evict(sid, tid, limit);
+            let why = format!(
+                "your cursor did not move for {} ms while a reliable publisher waited for \
+                 space; read faster, use a larger ring, or subscribe in lossy mode",
+                limit.as_millis()
+            );
+            self.evict(sid, tid, &why);
         }
     }
 
-    fn evict(&mut self, sid: u64, tid: u64, limit: Duration) {
+    fn evict(&mut self, sid: u64, tid: u64, why: &str) {
         let Some(s) = self.subscribers.get(&sid) else {
             return;
         };
@@ -1801,11 +2495,7 @@ impl Engine {
             .get(&tid)
             .map_or("?", |t| t.name.as_str())
             .to_owned();
-        let message = format!(
-            "evicted from '{name}': your cursor did not move for {} ms while a reliable publisher \
-             waited for space; read faster, use a larger ring, or subscribe in lossy mode",
-            limit.as_millis()
-        );
+        let message = format!("evicted from '{name}': {why}");
         tracing::warn!(subscriber = sid, topic = %name, "evicting stalled subscriber");
         let ev = Evicted {
             topic_id: tid,

@@ -59,6 +59,8 @@ struct Harness {
     held: Vec<ConnId>,
     /// Sends to `held` connections, not yet reported.
     unacked: Vec<ConnId>,
+    /// Wake datagrams the engine asked for ([`Out::Wake`]).
+    wakes: Vec<Arc<OwnedFd>>,
 }
 
 impl Harness {
@@ -75,6 +77,7 @@ impl Harness {
             paused: Vec::new(),
             held: Vec::new(),
             unacked: Vec::new(),
+            wakes: Vec::new(),
         }
     }
 
@@ -114,6 +117,7 @@ impl Harness {
                 Out::Unwatch { token } => self.watches.retain(|(t, _)| *t != token),
                 Out::PauseReads { conn } => self.paused.push(conn),
                 Out::ResumeReads { conn } => self.paused.retain(|&c| c != conn),
+                Out::Wake { fd } => self.wakes.push(fd),
             }
         }
         got
@@ -843,3 +847,5 @@ fn full_relay_pauses_the_publisher_instead_of_refusing() {
         assert_eq!(payload[..], (i as u32).to_le_bytes(), "in order");
     }
 }
+
+mod hardening;

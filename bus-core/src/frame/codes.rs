@@ -89,6 +89,9 @@ wire_enum! {
         SubscriberReady = 0x0203 => "SUBSCRIBER_READY",
         /// Client → broker: stop subscribing.
         Unsubscribe = 0x0204 => "UNSUBSCRIBE",
+        /// Subscriber -> broker notice: this subscriber let go of one publisher's ring (read to
+        /// its end after PEER_GONE, or dropped as corrupt). No reply.
+        RingReleased = 0x0205 => "RING_RELEASED",
         /// Broker → client: a publisher or subscriber of one of your topics left.
         PeerGone = 0x0301 => "PEER_GONE",
         /// Broker → subscriber: you were removed from a topic.
@@ -97,6 +100,8 @@ wire_enum! {
         Publish = 0x0401 => "PUBLISH",
         /// Broker → fallback subscriber: one message.
         Deliver = 0x0402 => "DELIVER",
+        /// Broker -> datagram subscriber: a message it will not get as a DELIVER, and why.
+        Skipped = 0x0403 => "SKIPPED",
         /// Client → broker: ask for the broker's statistics.
         StatsRequest = 0x0501 => "STATS_REQUEST",
         /// Broker → client: one chunk of the statistics JSON document.
@@ -223,6 +228,21 @@ wire_enum! {
         BadCursor = 3 => "bad-cursor",
         /// The policy no longer allows it (after a policy reload).
         NotAllowed = 4 => "not-allowed",
+    }
+}
+
+wire_enum! {
+    /// Why a datagram subscriber did not get a message as a DELIVER (SKIPPED).
+    #[non_exhaustive]
+    pub enum SkipReason: u16 {
+        /// The message is larger than a DELIVER frame can carry
+        /// ([`crate::frame::MAX_FALLBACK_MESSAGE_BYTES`]); a shared-memory subscriber gets it.
+        TooLarge = 1 => "too-large",
+        /// Lossy topic: the publisher overwrote the message while the broker copied it.
+        Overwritten = 2 => "overwritten",
+        /// The publisher's ring is corrupt: this and everything after it from that publisher
+        /// is lost (the ring is dropped).
+        CorruptRing = 3 => "corrupt-ring",
     }
 }
 

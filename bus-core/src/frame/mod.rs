@@ -40,7 +40,7 @@ mod wire;
 
 pub use codes::{
     ErrorCode, EvictReason, ModeRequest, MsgType, PeerGoneReason, PeerKind, RingRole,
-    ShutdownReason, Transport,
+    ShutdownReason, SkipReason, Transport,
 };
 
 use crate::layout::{CURSOR_SLOTS, Mode};
@@ -227,6 +227,13 @@ pub enum Msg<'a> {
         /// From SUBSCRIBED.
         subscriber_id: u64,
     },
+    /// RING_RELEASED: the subscriber no longer reads this publisher's ring (notice, no reply).
+    RingReleased {
+        /// From SUBSCRIBED.
+        subscriber_id: u64,
+        /// The publisher whose ring was let go.
+        publisher_id: u64,
+    },
     /// PEER_GONE: a publisher or subscriber of one of your topics left.
     PeerGone(PeerGone),
     /// EVICTED: you were removed from a topic.
@@ -235,6 +242,8 @@ pub enum Msg<'a> {
     Publish(Publish<'a>),
     /// DELIVER: one message to a datagram subscriber.
     Deliver(Deliver<'a>),
+    /// SKIPPED: a message a datagram subscriber will not get as a DELIVER, and why.
+    Skipped(Skipped),
     /// STATS_REQUEST: ask for statistics.
     StatsRequest,
     /// STATS_REPLY: one chunk of the statistics JSON document.
@@ -419,6 +428,23 @@ pub struct Deliver<'a> {
     pub lost_before: u64,
     /// The message: the rest of the datagram.
     pub payload: &'a [u8],
+}
+
+/// SKIPPED body: tells a datagram subscriber exactly which message of which publisher it
+/// did not get, so that no gap in a stream is silent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// The receiving subscriber.
+    pub subscriber_id: u64,
+    /// The publisher that wrote the message.
+    pub publisher_id: u64,
+    /// The message's sequence number in that publisher's ring (for
+    /// [`SkipReason::CorruptRing`]: the first sequence number not delivered).
+    pub seq: u64,
+    /// The message's length in bytes (0 when unknown: a corrupt ring).
+    pub len: u32,
+    /// Why.
+    pub reason: SkipReason,
 }
 
 /// STATS_REPLY body.
@@ -839,6 +865,10 @@ fn decode_body<'a>(rd: &mut Rd<'a>, ty: MsgType, more: bool) -> Result<Msg<'a>, 
         MsgType::Unsubscribe => Msg::Unsubscribe {
             subscriber_id: rd.u64("subscriber_id")?,
         },
+        MsgType::RingReleased => Msg::RingReleased {
+            subscriber_id: rd.u64("subscriber_id")?,
+            publisher_id: rd.u64("publisher_id")?,
+        },
         MsgType::PeerGone => Msg::PeerGone(PeerGone {
             topic_id: rd.u64("topic_id")?,
             peer: u8_enum(rd, "peer", PeerKind::from_raw)?,
@@ -862,6 +892,13 @@ fn decode_body<'a>(rd: &mut Rd<'a>, ty: MsgType, more: bool) -> Result<Msg<'a>, 
             timestamp_ns: rd.u64("timestamp_ns")?,
             lost_before: rd.u64("lost_before")?,
             payload: rd.rest(),
+        }),
+        MsgType::Skipped => Msg::Skipped(Skipped {
+            subscriber_id: rd.u64("subscriber_id")?,
+            publisher_id: rd.u64("publisher_id")?,
+            seq: rd.u64("seq")?,
+            len: rd.u32("len")?,
+            reason: u16_enum(rd, "reason", SkipReason::from_raw)?,
         }),
         MsgType::StatsRequest => Msg::StatsRequest,
         MsgType::StatsReply => Msg::StatsReply(StatsReply {
@@ -983,10 +1020,12 @@ impl Msg<'_> {
             Msg::Subscribed(_) => MsgType::Subscribed,
             Msg::SubscriberReady { .. } => MsgType::SubscriberReady,
             Msg::Unsubscribe { .. } => MsgType::Unsubscribe,
+            Msg::RingReleased { .. } => MsgType::RingReleased,
             Msg::PeerGone(_) => MsgType::PeerGone,
             Msg::Evicted(_) => MsgType::Evicted,
             Msg::Publish(_) => MsgType::Publish,
             Msg::Deliver(_) => MsgType::Deliver,
+            Msg::Skipped(_) => MsgType::Skipped,
             Msg::StatsRequest => MsgType::StatsRequest,
             Msg::StatsReply(_) => MsgType::StatsReply,
         }
@@ -1055,10 +1094,12 @@ impl Msg<'_> {
             Msg::CursorGranted(_) => 26,
             Msg::Subscribe(m) => 2 + str_len("topic", m.topic, MAX_TOPIC_BYTES)?,
             Msg::Subscribed(_) => 18,
+            Msg::RingReleased { .. } => 16,
             Msg::PeerGone(_) => 19,
             Msg::Evicted(m) => 18 + str_len("message", m.message, MAX_ERROR_MESSAGE_BYTES)?,
             Msg::Publish(m) => PUBLISH_FIXED_BYTES + m.payload.len(),
             Msg::Deliver(m) => DELIVER_FIXED_BYTES + m.payload.len(),
+            Msg::Skipped(_) => 30,
             Msg::StatsReply(m) => m.json.len(),
         })
     }
@@ -1131,6 +1172,13 @@ impl Msg<'_> {
                 w.u8(mode_raw(m.mode));
                 w.u8(m.delivery.to_raw());
             }
+            Msg::RingReleased {
+                subscriber_id,
+                publisher_id,
+            } => {
+                w.u64(*subscriber_id);
+                w.u64(*publisher_id);
+            }
             Msg::PeerGone(m) => {
                 w.u64(m.topic_id);
                 w.u8(m.peer.to_raw());
@@ -1154,6 +1202,13 @@ impl Msg<'_> {
                 w.u64(m.timestamp_ns);
                 w.u64(m.lost_before);
                 w.bytes(m.payload);
+            }
+            Msg::Skipped(m) => {
+                w.u64(m.subscriber_id);
+                w.u64(m.publisher_id);
+                w.u64(m.seq);
+                w.u32(m.len);
+                w.u16(m.reason.to_raw());
             }
             Msg::StatsReply(m) => w.bytes(m.json.as_bytes()),
         }

@@ -6,7 +6,8 @@ use bus_core::frame::{
     EvictReason, Evicted, FLAG_MORE, Frame, HEADER_BYTES, Header, Hello, MAGIC,
     MAX_FALLBACK_MESSAGE_BYTES, MAX_PUBLISH_PAYLOAD_BYTES, MAX_STATS_CHUNK_BYTES, ModeRequest, Msg,
     MsgType, PROTOCOL_VERSION, PeerGone, PeerGoneReason, PeerKind, Publish, RingGranted, RingRole,
-    Shutdown, ShutdownReason, StatsReply, Subscribe, Subscribed, Transport, Welcome, decode,
+    Shutdown, ShutdownReason, SkipReason, Skipped, StatsReply, Subscribe, Subscribed, Transport,
+    Welcome, decode,
 };
 use bus_core::layout::Mode;
 use bus_core::limits::{
@@ -180,6 +181,10 @@ fn examples() -> Vec<Example> {
             Frame::new(10, Msg::Unsubscribe { subscriber_id: 3 }),
             "4d425553 01 00 0402 08000000 0000 0000 0a00000000000000",
             "0300000000000000"),
+        ex("ring_released",
+            Frame::new(12, Msg::RingReleased { subscriber_id: 3, publisher_id: 2 }),
+            "4d425553 01 00 0502 10000000 0000 0000 0c00000000000000",
+            "0300000000000000 0200000000000000"),
         ex("peer_gone",
             Frame::event(Msg::PeerGone(PeerGone {
                 topic_id: 1, peer: PeerKind::Publisher, peer_id: 2,
@@ -205,6 +210,13 @@ fn examples() -> Vec<Example> {
             "4d425553 01 00 0204 2d000000 0000 0000 0000000000000000",
             "0300000000000000 0200000000000000 0500000000000000 e803000000000000 \
              0000000000000000 68656c6c6f"),
+        ex("skipped",
+            Frame::event(Msg::Skipped(Skipped {
+                subscriber_id: 3, publisher_id: 2, seq: 5, len: 70000,
+                reason: SkipReason::TooLarge,
+            })),
+            "4d425553 01 00 0304 1e000000 0000 0000 0000000000000000",
+            "0300000000000000 0200000000000000 0500000000000000 70110100 0100"),
         ex("stats_request",
             Frame::new(11, Msg::StatsRequest),
             "4d425553 01 00 0105 00000000 0000 0000 0b00000000000000",
@@ -263,7 +275,8 @@ mod hex_example {
     hex_tests! {
         hello welcome error ok ping pong shutdown create_publisher ring_granted_fallback
         ring_granted_writer publisher_ready close_publisher cursor_granted subscribe subscribed
-        subscriber_ready unsubscribe peer_gone evicted publish deliver stats_request stats_reply
+        subscriber_ready unsubscribe ring_released peer_gone evicted publish deliver skipped
+        stats_request stats_reply
     }
 }
 

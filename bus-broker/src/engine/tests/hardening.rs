@@ -1,0 +1,601 @@
+//! Regression tests of the hardening round, engine level: each fails on the engine before its
+//! fix. (The same defects are also tested black-box, with hostile shared-memory peers, in
+//! bus-cli/tests/hostile.)
+
+use super::*;
+use bus_core::frame::{MAX_FALLBACK_MESSAGE_BYTES, SkipReason};
+
+fn create(h: &mut Harness, conn: ConnId, topic: &str, ring: u64, transport: Transport) -> Vec<Got> {
+    h.frame(
+        conn,
+        30,
+        Msg::CreatePublisher(CreatePublisher {
+            ring_data_bytes: ring,
+            max_message_bytes: 0,
+            mode: ModeRequest::Reliable,
+            transport,
+            topic,
+        }),
+    )
+}
+
+fn dg_subscribe(h: &mut Harness, conn: ConnId, topic: &str) -> Vec<Got> {
+    h.frame(
+        conn,
+        31,
+        Msg::Subscribe(Subscribe {
+            mode: ModeRequest::Any,
+            delivery: Transport::Datagram,
+            topic,
+        }),
+    )
+}
+
+/// Does what a publisher's client does with the CURSOR_GRANTED frames in `got`: the writer
+/// starts honouring those subscribers' cursors (without wake sockets).
+fn track(w: &mut Writer, got: &[Got]) {
+    for g in got {
+        if let Msg::CursorGranted(cg) = g.msg() {
+            let view = bus_core::ring::CursorView::attach(
+                map_cursor_page(g.fds[0].as_fd(), Access::ReadOnly).unwrap(),
+                cg.subscriber_id,
+            )
+            .unwrap();
+            w.add_reader_from_start(view, cg.slot as usize, None)
+                .unwrap();
+        }
+    }
+}
+
+fn topic_names(h: &Harness) -> Vec<String> {
+    h.e.stats_json()["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn error_text(g: &Got) -> String {
+    match g.msg() {
+        Msg::Error(e) => e.message.to_owned(),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// Item 4: a ring size whose next power of two does not fit in a u64 wrapped to 0 (a panic in
+/// a debug build), answered `internal` and left the topic behind; enough of them filled
+/// `max_topics` for everyone.
+#[test]
+fn huge_ring_sizes_are_too_large_and_leave_no_topic() {
+    let limits = Limits {
+        max_topics: 4,
+        ..Limits::default()
+    };
+    let mut h = Harness::with(limits.clone(), Policy::default_for(own_uid()));
+    h.connect(1);
+    let sizes = [
+        (1u64 << 63) + 1,
+        u64::MAX,
+        1 << 63,
+        1 << 62,
+        limits.max_ring_bytes + 1,
+    ];
+    for round in 0..20 {
+        for (i, &ring) in sizes.iter().enumerate() {
+            for transport in [Transport::Shm, Transport::Datagram] {
+                let topic = format!("huge.{round}.{i}");
+                let got = create(&mut h, 1, &topic, ring, transport);
+                assert_eq!(error_code(&got[0]), ErrorCode::TooLarge, "{ring}: {got:?}");
+                assert!(
+                    error_text(&got[0]).contains("limits.max_ring_bytes"),
+                    "names the limit: {}",
+                    error_text(&got[0])
+                );
+            }
+        }
+    }
+    assert!(topic_names(&h).is_empty(), "{:?}", topic_names(&h));
+    // max_topics is still all there.
+    for i in 0..4 {
+        let got = create(&mut h, 1, &format!("ok.{i}"), 0, Transport::Datagram);
+        assert!(matches!(got[0].msg(), Msg::RingGranted(_)), "{got:?}");
+    }
+}
+
+/// Item 4, the rest of the class: every refusal after the topic was looked up or made leaves
+/// no topic that nobody is on.
+#[test]
+fn refused_creations_leave_no_empty_topic() {
+    let limits = Limits {
+        max_fds_per_client: 8,
+        max_publishers_per_topic: 1,
+        ..Limits::default()
+    };
+    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    h.connect(1);
+    // Two datagram subscriptions use this client's 8 descriptors: the third is refused.
+    for t in ["a", "b"] {
+        let got = dg_subscribe(&mut h, 1, t);
+        assert!(matches!(got[0].msg(), Msg::Subscribed(_)), "{got:?}");
+    }
+    let got = dg_subscribe(&mut h, 1, "c");
+    assert_eq!(error_code(&got[0]), ErrorCode::LimitReached);
+    let got = create(&mut h, 1, "d", 0, Transport::Datagram);
+    assert_eq!(error_code(&got[0]), ErrorCode::LimitReached, "{got:?}");
+    // A max_message_bytes that does not fit the ring.
+    let got = h.frame(
+        1,
+        40,
+        Msg::CreatePublisher(CreatePublisher {
+            ring_data_bytes: 4096,
+            max_message_bytes: 1 << 20,
+            mode: ModeRequest::Any,
+            transport: Transport::Shm,
+            topic: "e",
+        }),
+    );
+    assert_eq!(error_code(&got[0]), ErrorCode::TooLarge);
+    assert_eq!(topic_names(&h), ["a", "b"]);
+}
+
+/// Item 12: memfd names are limited to 249 bytes; `membus:<topic>:p<id>` for a 239..255-byte
+/// topic did not fit, and the request failed with `internal`.
+#[test]
+fn long_topic_names_get_segments() {
+    let mut h = Harness::new();
+    h.connect(1);
+    h.connect(2);
+    for len in (230..=255).step_by(5).chain([255]) {
+        let topic = "t".repeat(len);
+        let (mut w, _, _) = h.publisher(1, &topic, ModeRequest::Lossy);
+        let (page, _, got) = h.subscriber(2, &topic);
+        let mut r = reader_from(got.last().unwrap(), &page);
+        w.publish(b"long").unwrap();
+        assert_eq!(&r.try_recv().unwrap().unwrap()[..], b"long");
+    }
+    // Dotted names of every length up to the maximum.
+    let topic = format!("{}.x", "seg".repeat(84));
+    assert_eq!(topic.len(), 254);
+    let (_w, _, _) = h.publisher(1, &topic, ModeRequest::Lossy);
+}
+
+/// Item 3: a PUBLISH larger than a DELIVER can carry was accepted, and datagram subscribers
+/// skipped it with no word.
+#[test]
+fn publish_over_the_datagram_limit_is_refused() {
+    let mut h = Harness::new();
+    let (pid, _) = datagram_pair(&mut h, "big", 1 << 20);
+    for len in [
+        MAX_FALLBACK_MESSAGE_BYTES + 1,
+        MAX_FALLBACK_MESSAGE_BYTES + 32,
+    ] {
+        let payload = vec![1u8; len];
+        let got = h.frame(
+            1,
+            9,
+            Msg::Publish(Publish {
+                publisher_id: pid,
+                payload: &payload,
+            }),
+        );
+        assert_eq!(error_code(&got[0]), ErrorCode::TooLarge, "{len}");
+        assert!(
+            error_text(&got[0]).contains("shared memory"),
+            "{}",
+            error_text(&got[0])
+        );
+    }
+    let payload = vec![2u8; MAX_FALLBACK_MESSAGE_BYTES];
+    let got = h.frame(
+        1,
+        10,
+        Msg::Publish(Publish {
+            publisher_id: pid,
+            payload: &payload,
+        }),
+    );
+    assert_eq!(
+        delivers(&got),
+        [(0, payload)],
+        "the largest that fits is delivered"
+    );
+}
+
+/// Item 3: a shared-memory message too large for a DELIVER reaches a datagram subscriber as
+/// SKIPPED (publisher, sequence number, length, reason), in its place in the stream.
+#[test]
+fn too_large_shm_message_is_skipped_loudly_for_datagram_subscribers() {
+    let mut h = Harness::new();
+    h.connect(1);
+    h.connect(2);
+    let got = dg_subscribe(&mut h, 2, "mix");
+    let Msg::Subscribed(sub) = got[0].msg() else {
+        panic!("{got:?}")
+    };
+    let got = h.frame(
+        1,
+        10,
+        Msg::CreatePublisher(CreatePublisher {
+            ring_data_bytes: 1 << 18,
+            max_message_bytes: 0,
+            mode: ModeRequest::Any,
+            transport: Transport::Shm,
+            topic: "mix",
+        }),
+    );
+    let Msg::RingGranted(g) = got[0].msg() else {
+        panic!("{got:?}")
+    };
+    let map = map_ring(
+        got[0].fds[0].as_fd(),
+        g.data_bytes as usize,
+        Access::ReadWrite,
+    )
+    .unwrap();
+    let cfg = RingConfig {
+        mode: g.mode,
+        data_bytes: g.data_bytes,
+        max_message_bytes: g.max_message_bytes,
+        publisher_id: g.publisher_id,
+    };
+    let mut w = Writer::create(map, cfg).unwrap();
+    h.frame(
+        1,
+        11,
+        Msg::PublisherReady {
+            publisher_id: g.publisher_id,
+        },
+    );
+    w.publish(b"small").unwrap();
+    w.publish(&vec![7u8; 70_000]).unwrap();
+    w.publish(b"after").unwrap();
+    let token = h.watches[0].0;
+    h.e.on_wake(token);
+    let got = h.drain();
+    let stream: Vec<(u64, Option<SkipReason>, usize)> = got
+        .iter()
+        .filter(|x| x.conn == 2)
+        .filter_map(|x| match x.msg() {
+            Msg::Deliver(d) => Some((d.seq, None, d.payload.len())),
+            Msg::Skipped(k) => {
+                assert_eq!(
+                    (k.subscriber_id, k.publisher_id),
+                    (sub.subscriber_id, g.publisher_id)
+                );
+                Some((k.seq, Some(k.reason), k.len as usize))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        stream,
+        [
+            (0, None, 5),
+            (1, Some(SkipReason::TooLarge), 70_000),
+            (2, None, 5)
+        ],
+        "{got:?}"
+    );
+}
+
+/// Item 1: a datagram publisher's backlog was discarded when it closed; CLOSE_PUBLISHER
+/// answered OK at once.
+#[test]
+fn close_publisher_answers_once_the_backlog_is_written() {
+    for disconnect in [false, true] {
+        let mut h = Harness::new();
+        let (pid, _) = datagram_pair(&mut h, "bl", 4096);
+        h.held.push(2);
+        let mut got_all = Vec::new();
+        let mut sent = 0u32;
+        while !h.paused.contains(&1) {
+            got_all.extend(h.frame(
+                1,
+                0,
+                Msg::Publish(Publish {
+                    publisher_id: pid,
+                    payload: &[sent as u8; 300],
+                }),
+            ));
+            sent += 1;
+        }
+        assert!(sent > 64, "a backlog built up ({sent})");
+        if disconnect {
+            h.e.on_disconnect(1);
+            got_all.extend(h.drain());
+        } else {
+            let got = h.frame(1, 99, Msg::ClosePublisher { publisher_id: pid });
+            assert!(
+                got.iter().all(|g| g.request_id() != 99),
+                "no OK while messages wait: {got:?}"
+            );
+            got_all.extend(got);
+        }
+        h.held.clear();
+        while let Some(conn) = h.unacked.pop() {
+            h.e.on_sent(conn, 1);
+            got_all.extend(h.drain());
+        }
+        for _ in 0..10 {
+            h.now += Duration::from_millis(5);
+            h.e.on_tick(h.now);
+            got_all.extend(h.drain());
+        }
+        let d = delivers(&got_all);
+        assert_eq!(
+            d.len(),
+            sent as usize,
+            "disconnect={disconnect}: every accepted message"
+        );
+        for (i, (seq, payload)) in d.iter().enumerate() {
+            assert_eq!((*seq, payload[0]), (i as u64, i as u8), "in order");
+        }
+        if !disconnect {
+            let ok = got_all
+                .iter()
+                .position(|g| g.request_id() == 99)
+                .expect("CLOSE_PUBLISHER answered");
+            assert!(matches!(got_all[ok].msg(), Msg::Ok));
+            let last_deliver = got_all
+                .iter()
+                .rposition(|g| matches!(g.msg(), Msg::Deliver(_)))
+                .unwrap();
+            // The OK may only follow the write into the ring, which precedes the last
+            // DELIVERs the relay sends out of it.
+            assert!(topic_names(&h).contains(&"bl".to_owned()));
+            assert!(ok < got_all.len() && last_deliver < got_all.len());
+        }
+    }
+}
+
+/// Item 2: a reliable publisher's slot was reused at once when it left, while a subscriber
+/// still read the old ring with the cursor of that slot: the new writer took that cursor for
+/// its own (lapping the subscriber), and the old reader's exit reset the new one's.
+#[test]
+fn slot_of_a_departed_reliable_publisher_waits_for_its_readers() {
+    let limits = Limits {
+        max_publishers_per_topic: 1,
+        stall_timeout_ms: 100,
+        ..Limits::default()
+    };
+    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    h.connect(1);
+    h.connect(2);
+    let (page, sid, _) = h.subscriber(2, "slots");
+    let (mut w, p1, got) = h.publisher(1, "slots", ModeRequest::Reliable);
+    let grant = got.iter().find(|g| g.conn == 2).unwrap();
+    let mut r = reader_from(grant, &page);
+    w.publish(b"left behind").unwrap();
+    h.frame(1, 12, Msg::ClosePublisher { publisher_id: p1 });
+    // The subscriber has not read the old ring yet: the slot is not free.
+    let got = create(&mut h, 1, "slots", 0, Transport::Shm);
+    assert_eq!(error_code(&got[0]), ErrorCode::LimitReached);
+    assert!(
+        error_text(&got[0]).contains("left"),
+        "{}",
+        error_text(&got[0])
+    );
+    // It reads and lets go of the ring: the slot is free.
+    assert_eq!(&r.try_recv().unwrap().unwrap()[..], b"left behind");
+    drop(r);
+    h.frame(
+        2,
+        13,
+        Msg::RingReleased {
+            subscriber_id: sid,
+            publisher_id: p1,
+        },
+    );
+    let (_w2, _p2, got) = h.publisher(1, "slots", ModeRequest::Reliable);
+    assert!(
+        got.iter()
+            .any(|g| g.conn == 2 && matches!(g.msg(), Msg::RingGranted(_)))
+    );
+
+    // A subscriber that never lets go holds the slot at most the stall limit, then is
+    // evicted when a publisher needs the slot.
+    h.connect(3);
+    let (page3, sid3, _) = h.subscriber(3, "hold");
+    let (_w3, p3, got) = h.publisher(1, "hold", ModeRequest::Reliable);
+    let _r3 = reader_from(got.iter().find(|g| g.conn == 3).unwrap(), &page3);
+    h.frame(1, 14, Msg::ClosePublisher { publisher_id: p3 });
+    let got = create(&mut h, 1, "hold", 0, Transport::Shm);
+    assert_eq!(error_code(&got[0]), ErrorCode::LimitReached);
+    h.now += Duration::from_millis(150);
+    h.e.on_tick(h.now);
+    let got = create(&mut h, 1, "hold", 0, Transport::Shm);
+    assert!(
+        got.iter()
+            .any(|g| g.conn == 3 && matches!(g.msg(), Msg::Evicted(e) if e.subscriber_id == sid3)),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().any(|g| matches!(g.msg(), Msg::RingGranted(_))),
+        "{got:?}"
+    );
+}
+
+/// Lossy writers never read cursors: their slots are free at once.
+#[test]
+fn lossy_slots_are_free_at_once() {
+    let limits = Limits {
+        max_publishers_per_topic: 1,
+        ..Limits::default()
+    };
+    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    h.connect(1);
+    h.connect(2);
+    let (_w, p1, _) = h.publisher(1, "feed", ModeRequest::Lossy);
+    let (page, _sid, got) = h.subscriber(2, "feed");
+    let _r = reader_from(
+        got.iter()
+            .find(|g| g.conn == 2 && matches!(g.msg(), Msg::RingGranted(_)))
+            .unwrap(),
+        &page,
+    );
+    h.frame(1, 12, Msg::ClosePublisher { publisher_id: p1 });
+    let (_w2, _, _) = h.publisher(1, "feed", ModeRequest::Lossy);
+}
+
+/// A subscriber that released a live publisher's ring (it found it corrupt) is no longer
+/// waited for or judged on it: the publisher is told it left, and no eviction follows.
+#[test]
+fn released_ring_is_not_judged() {
+    let limits = Limits {
+        stall_timeout_ms: 100,
+        ..Limits::default()
+    };
+    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    h.connect(1);
+    h.connect(2);
+    let (page, sid, _) = h.subscriber(2, "rel");
+    let (mut w, pid, got) = h.publisher(1, "rel", ModeRequest::Reliable);
+    track(&mut w, &got);
+    let _r = reader_from(got.iter().find(|g| g.conn == 2).unwrap(), &page);
+    let mut n = 0;
+    while w.try_publish(&[0u8; 500]).is_ok() {
+        n += 1;
+        assert!(n < 100, "the writer waits for the subscriber");
+    }
+    let got = h.frame(
+        2,
+        15,
+        Msg::RingReleased {
+            subscriber_id: sid,
+            publisher_id: pid,
+        },
+    );
+    assert!(
+        got.iter()
+            .any(|g| g.conn == 1 && matches!(g.msg(), Msg::PeerGone(p) if p.peer_id == sid)),
+        "{got:?}"
+    );
+    for _ in 0..5 {
+        h.now += Duration::from_millis(1100);
+        h.e.on_tick(h.now);
+    }
+    let got = h.drain();
+    assert!(
+        !got.iter().any(|g| matches!(g.msg(), Msg::Evicted(_))),
+        "{got:?}"
+    );
+    assert!(h.wakes.is_empty());
+}
+
+/// Items 9 and 10: before judging a subscriber that holds a writer back, the broker wakes it
+/// once (a parked honest subscriber whose publisher never woke it then reads); one that reads
+/// then is not evicted, one that does not is.
+#[test]
+fn stall_check_wakes_before_it_judges() {
+    let limits = Limits {
+        stall_timeout_ms: 100,
+        ..Limits::default()
+    };
+    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    h.connect(1);
+    h.connect(2);
+    let (page, sid, _) = h.subscriber(2, "nudge");
+    let (mut w, _pid, got) = h.publisher(1, "nudge", ModeRequest::Reliable);
+    track(&mut w, &got);
+    let mut r = reader_from(got.iter().find(|g| g.conn == 2).unwrap(), &page);
+    let mut n = 0;
+    while w.try_publish(&[0u8; 500]).is_ok() {
+        n += 1;
+        assert!(n < 100, "the writer waits for the subscriber");
+    }
+    h.now += Duration::from_millis(1100);
+    h.e.on_tick(h.now);
+    h.drain();
+    assert_eq!(h.wakes.len(), 1, "woken once before being judged");
+    // Woken, it reads everything: progress, no eviction.
+    while r.try_recv().unwrap().is_some() {}
+    let mut n = 0;
+    while w.try_publish(&[0u8; 500]).is_ok() {
+        n += 1;
+        assert!(n < 100, "the writer waits for the subscriber");
+    }
+    for _ in 0..2 {
+        h.now += Duration::from_millis(1100);
+        h.e.on_tick(h.now);
+    }
+    let got = h.drain();
+    assert!(
+        !got.iter().any(|g| matches!(g.msg(), Msg::Evicted(_))),
+        "{got:?}"
+    );
+    // Now it stops reading for good: woken again, then evicted.
+    for _ in 0..3 {
+        h.now += Duration::from_millis(1100);
+        h.e.on_tick(h.now);
+    }
+    let got = h.drain();
+    assert_eq!(h.wakes.len(), 2);
+    assert!(
+        got.iter()
+            .any(|g| matches!(g.msg(), Msg::Evicted(e) if e.subscriber_id == sid)),
+        "{got:?}"
+    );
+}
+
+/// Item 5: every datagram subscription cost the broker 4 descriptors with no bound; one
+/// client exhausted RLIMIT_NOFILE and nobody else could connect. Now each client has a quota,
+/// the broker a budget, both answered with `limit-reached` naming the limit, and the
+/// descriptors come back when the client goes.
+#[test]
+fn descriptor_quota_and_budget() {
+    let limits = Limits {
+        max_fds_per_client: 16,
+        ..Limits::default()
+    };
+    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    h.e.set_fd_budget(28);
+    h.connect(1);
+    h.connect(2);
+    for i in 0..4 {
+        let got = dg_subscribe(&mut h, 1, &format!("q{i}"));
+        assert!(matches!(got[0].msg(), Msg::Subscribed(_)), "{got:?}");
+    }
+    assert_eq!(h.e.fds_in_use(), 16);
+    let got = dg_subscribe(&mut h, 1, "q4");
+    assert_eq!(error_code(&got[0]), ErrorCode::LimitReached);
+    assert!(
+        error_text(&got[0]).contains("limits.max_fds_per_client"),
+        "{}",
+        error_text(&got[0])
+    );
+    // The other client is served until the broker's budget is used up.
+    for i in 0..3 {
+        let got = dg_subscribe(&mut h, 2, &format!("r{i}"));
+        assert!(matches!(got[0].msg(), Msg::Subscribed(_)), "{got:?}");
+    }
+    let got = dg_subscribe(&mut h, 2, "r3");
+    assert_eq!(error_code(&got[0]), ErrorCode::LimitReached);
+    assert!(
+        error_text(&got[0]).contains("RLIMIT_NOFILE"),
+        "{}",
+        error_text(&got[0])
+    );
+    h.e.on_disconnect(1);
+    h.drain();
+    assert_eq!(h.e.fds_in_use(), 12, "the hog's descriptors are back");
+    let got = dg_subscribe(&mut h, 2, "r3");
+    assert!(matches!(got[0].msg(), Msg::Subscribed(_)), "{got:?}");
+    // A datagram publisher's relay holds a copy of each shared-memory subscriber's wake
+    // socket: counted, and given back.
+    h.e.on_disconnect(2);
+    h.drain();
+    assert_eq!(h.e.fds_in_use(), 0);
+    h.connect(3);
+    h.connect(4);
+    let (_page, _sid, _) = h.subscriber(4, "relay");
+    let got = create(&mut h, 3, "relay", 0, Transport::Datagram);
+    assert!(matches!(got[0].msg(), Msg::RingGranted(_)), "{got:?}");
+    assert_eq!(h.e.fds_in_use(), 2 + 1 + 1);
+    h.e.on_disconnect(4);
+    h.drain();
+    assert_eq!(h.e.fds_in_use(), 1);
+    h.e.on_disconnect(3);
+    h.drain();
+    assert_eq!(h.e.fds_in_use(), 0);
+}
