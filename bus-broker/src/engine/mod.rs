@@ -1307,7 +1307,12 @@ impl Engine {
             },
             mode,
             slot: slot as u16,
-            max_message_bytes: max_msg,
+            // A datagram publisher is told what a PUBLISH may really carry.
+            max_message_bytes: if req.transport == Transport::Shm {
+                max_msg
+            } else {
+                max_msg.min(MAX_FALLBACK_MESSAGE_BYTES as u32)
+            },
             topic_id: tid,
             publisher_id: pid,
             subscriber_id: 0,

@@ -186,6 +186,13 @@ fn publish_over_the_datagram_limit_is_refused() {
             error_text(&got[0])
         );
     }
+    // The grant says so.
+    h.connect(3);
+    let got = create(&mut h, 3, "big", 0, Transport::Datagram);
+    let Msg::RingGranted(g) = got[0].msg() else {
+        panic!("{got:?}")
+    };
+    assert_eq!(g.max_message_bytes as usize, MAX_FALLBACK_MESSAGE_BYTES);
     let payload = vec![2u8; MAX_FALLBACK_MESSAGE_BYTES];
     let got = h.frame(
         1,
