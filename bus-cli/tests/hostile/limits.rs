@@ -44,6 +44,10 @@ fn expect_error(reply: &Incoming, what: &str) -> (ErrorCode, String) {
     }
 }
 
+/// One way to ask for a topic that must fail: (the shared-memory connection, the datagram
+/// connection, the topic name) to the broker's answer.
+type Attempt = Box<dyn Fn(&mut Conn, &mut Conn, &str) -> Incoming>;
+
 /// Item 4: ring sizes that overflow (or exceed the limit) get `too-large` and leave no topic;
 /// every error path of topic creation leaves no topic; 5,000 of them leave `max_topics` usable.
 pub fn ring_size_overflow(driver: &str) {
@@ -96,7 +100,7 @@ pub fn ring_size_overflow(driver: &str) {
         matches!(reply.frame().msg, Msg::RingGranted(_)),
         "{reply:?}"
     );
-    let failing: Vec<(&str, Box<dyn Fn(&mut Conn, &mut Conn, &str) -> Incoming>)> = vec![
+    let failing: Vec<(&str, Attempt)> = vec![
         (
             "max_message_bytes u32::MAX",
             Box::new(|s, _, t| {

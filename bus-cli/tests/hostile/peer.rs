@@ -350,13 +350,13 @@ impl HostilePub {
     }
 
     pub fn header(&self, off: usize) -> u64 {
-        assert!(off % 8 == 0 && off + 8 <= layout::RING_HEADER_BYTES);
+        assert!(off.is_multiple_of(8) && off + 8 <= layout::RING_HEADER_BYTES);
         // SAFETY: 8-aligned offset inside the header page of our live mapping.
         unsafe { word(self.raw.header_ptr(), off) }.load(Ordering::Acquire)
     }
 
     pub fn set_header(&self, off: usize, value: u64) {
-        assert!(off % 8 == 0 && off + 8 <= layout::RING_HEADER_BYTES);
+        assert!(off.is_multiple_of(8) && off + 8 <= layout::RING_HEADER_BYTES);
         // SAFETY: 8-aligned offset inside the header page of our own read-write mapping.
         unsafe { word(self.raw.header_mut_ptr(), off) }.store(value, Ordering::Release);
     }
@@ -381,7 +381,7 @@ impl HostilePub {
     /// Stores one u64 of a record header at absolute position `pos` + `field` (atomically).
     pub fn set_record_word(&self, pos: u64, field: usize, value: u64) {
         let off = (pos as usize % self.data_bytes()) + field;
-        assert!(off % 8 == 0);
+        assert!(off.is_multiple_of(8));
         // SAFETY: 8-aligned, inside the (doubled) data area of our read-write mapping.
         unsafe { word(self.raw.data_mut_ptr(), off) }.store(value, Ordering::Release);
     }
@@ -476,7 +476,7 @@ impl HostileSub {
 
     /// A header word of granted ring `i` (read-only mapping).
     pub fn ring_header(&self, i: usize, off: usize) -> u64 {
-        assert!(off % 8 == 0 && off + 8 <= layout::RING_HEADER_BYTES);
+        assert!(off.is_multiple_of(8) && off + 8 <= layout::RING_HEADER_BYTES);
         // SAFETY: 8-aligned inside the header page of a live (read-only) mapping; only loads.
         unsafe { word(self.rings[i].1.header_ptr(), off) }.load(Ordering::Acquire)
     }
