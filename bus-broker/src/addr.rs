@@ -622,7 +622,7 @@ fn seqpacket_socket(flags: SocketFlags) -> Result<OwnedFd, Errno> {
 }
 
 /// How long binding an abstract name waits for the kernel to release it after its previous
-/// owner is gone (see [`abstract_owner_gone`]).
+/// owner is gone (see `abstract_owner_gone`).
 pub const ABSTRACT_RELEASE_WAIT: Duration = Duration::from_millis(500);
 
 fn bind_abstract(name: &[u8]) -> Result<Listener, AddrError> {
