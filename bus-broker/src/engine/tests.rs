@@ -148,11 +148,22 @@ impl Harness {
         topic: &str,
         mode: ModeRequest,
     ) -> (Writer, u64, Vec<Got>) {
+        self.publisher_sized(conn, topic, mode, 8192)
+    }
+
+    /// [`Harness::publisher`] asking for a ring of `ring_bytes`.
+    fn publisher_sized(
+        &mut self,
+        conn: ConnId,
+        topic: &str,
+        mode: ModeRequest,
+        ring_bytes: u64,
+    ) -> (Writer, u64, Vec<Got>) {
         let got = self.frame(
             conn,
             10,
             Msg::CreatePublisher(CreatePublisher {
-                ring_data_bytes: 8192,
+                ring_data_bytes: ring_bytes,
                 max_message_bytes: 0,
                 mode,
                 transport: Transport::Shm,

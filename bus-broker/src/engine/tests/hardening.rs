@@ -31,6 +31,27 @@ fn dg_subscribe(h: &mut Harness, conn: ConnId, topic: &str) -> Vec<Got> {
     )
 }
 
+fn own_policy() -> Policy {
+    Policy::default_for(own_uid())
+}
+
+/// Publishes until the ring is full (the writer must wait for a subscriber).
+fn fill(w: &mut Writer) {
+    let mut n = 0;
+    while w.try_publish(&[0u8; 500]).is_ok() {
+        n += 1;
+        assert!(n < 100, "the writer waits for the subscriber");
+    }
+}
+
+/// Moves time on by `n` stall-check periods, ticking after each.
+fn ticks(h: &mut Harness, n: usize) {
+    for _ in 0..n {
+        h.now += Duration::from_millis(1100);
+        h.e.on_tick(h.now);
+    }
+}
+
 /// Does what a publisher's client does with the CURSOR_GRANTED frames in `got`: the writer
 /// starts honouring those subscribers' cursors (without wake sockets).
 fn track(w: &mut Writer, got: &[Got]) {
@@ -72,7 +93,7 @@ fn huge_ring_sizes_are_too_large_and_leave_no_topic() {
         max_topics: 4,
         ..Limits::default()
     };
-    let mut h = Harness::with(limits.clone(), Policy::default_for(own_uid()));
+    let mut h = Harness::with(limits.clone(), own_policy());
     h.connect(1);
     let sizes = [
         (1u64 << 63) + 1,
@@ -112,7 +133,7 @@ fn refused_creations_leave_no_empty_topic() {
         max_publishers_per_topic: 1,
         ..Limits::default()
     };
-    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    let mut h = Harness::with(limits, own_policy());
     h.connect(1);
     // Two datagram subscriptions use this client's 8 descriptors: the third is refused.
     for t in ["a", "b"] {
@@ -220,40 +241,7 @@ fn too_large_shm_message_is_skipped_loudly_for_datagram_subscribers() {
     let Msg::Subscribed(sub) = got[0].msg() else {
         panic!("{got:?}")
     };
-    let got = h.frame(
-        1,
-        10,
-        Msg::CreatePublisher(CreatePublisher {
-            ring_data_bytes: 1 << 18,
-            max_message_bytes: 0,
-            mode: ModeRequest::Any,
-            transport: Transport::Shm,
-            topic: "mix",
-        }),
-    );
-    let Msg::RingGranted(g) = got[0].msg() else {
-        panic!("{got:?}")
-    };
-    let map = map_ring(
-        got[0].fds[0].as_fd(),
-        g.data_bytes as usize,
-        Access::ReadWrite,
-    )
-    .unwrap();
-    let cfg = RingConfig {
-        mode: g.mode,
-        data_bytes: g.data_bytes,
-        max_message_bytes: g.max_message_bytes,
-        publisher_id: g.publisher_id,
-    };
-    let mut w = Writer::create(map, cfg).unwrap();
-    h.frame(
-        1,
-        11,
-        Msg::PublisherReady {
-            publisher_id: g.publisher_id,
-        },
-    );
+    let (mut w, pid, _) = h.publisher_sized(1, "mix", ModeRequest::Any, 1 << 18);
     w.publish(b"small").unwrap();
     w.publish(&vec![7u8; 70_000]).unwrap();
     w.publish(b"after").unwrap();
@@ -266,10 +254,7 @@ fn too_large_shm_message_is_skipped_loudly_for_datagram_subscribers() {
         .filter_map(|x| match x.msg() {
             Msg::Deliver(d) => Some((d.seq, None, d.payload.len())),
             Msg::Skipped(k) => {
-                assert_eq!(
-                    (k.subscriber_id, k.publisher_id),
-                    (sub.subscriber_id, g.publisher_id)
-                );
+                assert_eq!((k.subscriber_id, k.publisher_id), (sub.subscriber_id, pid));
                 Some((k.seq, Some(k.reason), k.len as usize))
             }
             _ => None,
@@ -366,7 +351,7 @@ fn slot_of_a_departed_reliable_publisher_waits_for_its_readers() {
         stall_timeout_ms: 100,
         ..Limits::default()
     };
-    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    let mut h = Harness::with(limits, own_policy());
     h.connect(1);
     h.connect(2);
     let (page, sid, _) = h.subscriber(2, "slots");
@@ -430,7 +415,7 @@ fn lossy_slots_are_free_at_once() {
         max_publishers_per_topic: 1,
         ..Limits::default()
     };
-    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    let mut h = Harness::with(limits, own_policy());
     h.connect(1);
     h.connect(2);
     let (_w, p1, _) = h.publisher(1, "feed", ModeRequest::Lossy);
@@ -453,18 +438,14 @@ fn released_ring_is_not_judged() {
         stall_timeout_ms: 100,
         ..Limits::default()
     };
-    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    let mut h = Harness::with(limits, own_policy());
     h.connect(1);
     h.connect(2);
     let (page, sid, _) = h.subscriber(2, "rel");
     let (mut w, pid, got) = h.publisher(1, "rel", ModeRequest::Reliable);
     track(&mut w, &got);
     let _r = reader_from(got.iter().find(|g| g.conn == 2).unwrap(), &page);
-    let mut n = 0;
-    while w.try_publish(&[0u8; 500]).is_ok() {
-        n += 1;
-        assert!(n < 100, "the writer waits for the subscriber");
-    }
+    fill(&mut w);
     let got = h.frame(
         2,
         15,
@@ -478,10 +459,7 @@ fn released_ring_is_not_judged() {
             .any(|g| g.conn == 1 && matches!(g.msg(), Msg::PeerGone(p) if p.peer_id == sid)),
         "{got:?}"
     );
-    for _ in 0..5 {
-        h.now += Duration::from_millis(1100);
-        h.e.on_tick(h.now);
-    }
+    ticks(&mut h, 5);
     let got = h.drain();
     assert!(
         !got.iter().any(|g| matches!(g.msg(), Msg::Evicted(_))),
@@ -499,43 +477,28 @@ fn stall_check_wakes_before_it_judges() {
         stall_timeout_ms: 100,
         ..Limits::default()
     };
-    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    let mut h = Harness::with(limits, own_policy());
     h.connect(1);
     h.connect(2);
     let (page, sid, _) = h.subscriber(2, "nudge");
     let (mut w, _pid, got) = h.publisher(1, "nudge", ModeRequest::Reliable);
     track(&mut w, &got);
     let mut r = reader_from(got.iter().find(|g| g.conn == 2).unwrap(), &page);
-    let mut n = 0;
-    while w.try_publish(&[0u8; 500]).is_ok() {
-        n += 1;
-        assert!(n < 100, "the writer waits for the subscriber");
-    }
-    h.now += Duration::from_millis(1100);
-    h.e.on_tick(h.now);
+    fill(&mut w);
+    ticks(&mut h, 1);
     h.drain();
     assert_eq!(h.wakes.len(), 1, "woken once before being judged");
     // Woken, it reads everything: progress, no eviction.
     while r.try_recv().unwrap().is_some() {}
-    let mut n = 0;
-    while w.try_publish(&[0u8; 500]).is_ok() {
-        n += 1;
-        assert!(n < 100, "the writer waits for the subscriber");
-    }
-    for _ in 0..2 {
-        h.now += Duration::from_millis(1100);
-        h.e.on_tick(h.now);
-    }
+    fill(&mut w);
+    ticks(&mut h, 2);
     let got = h.drain();
     assert!(
         !got.iter().any(|g| matches!(g.msg(), Msg::Evicted(_))),
         "{got:?}"
     );
     // Now it stops reading for good: woken again, then evicted.
-    for _ in 0..3 {
-        h.now += Duration::from_millis(1100);
-        h.e.on_tick(h.now);
-    }
+    ticks(&mut h, 3);
     let got = h.drain();
     assert_eq!(h.wakes.len(), 2);
     assert!(
@@ -555,7 +518,7 @@ fn descriptor_quota_and_budget() {
         max_fds_per_client: 16,
         ..Limits::default()
     };
-    let mut h = Harness::with(limits, Policy::default_for(own_uid()));
+    let mut h = Harness::with(limits, own_policy());
     h.e.set_fd_budget(28);
     h.connect(1);
     h.connect(2);
