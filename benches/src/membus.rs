@@ -131,7 +131,7 @@ fn run(p: &Params, wait: Wait) -> Result<CaseResult> {
     seal_read_only(&own_page_fd)?;
 
     let ping_rx_fd: OwnedFd = ping_wake_rx.into();
-    let pong_tx_fd: OwnedFd = pong_wake_tx.into();
+    let pong_tx_fd = pong_wake_tx.into_shared();
     let fds = [
         ping_fd.as_fd(),
         pong_fd.as_fd(),

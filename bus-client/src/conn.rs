@@ -594,7 +594,7 @@ fn dispatch(shared: &Shared, datagram: &[u8], fds: &mut FdBatch) {
                         publisher_id: k.publisher_id,
                         seq: k.seq,
                         timestamp_ns: 0,
-                        lost_before: 0,
+                        lost_before: k.lost_before,
                         payload: Vec::new(),
                         skipped: Some((k.len, k.reason)),
                     },

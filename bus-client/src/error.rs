@@ -294,6 +294,9 @@ pub enum RecvError {
         publisher_id: u64,
         /// Its sequence number.
         seq: u64,
+        /// Messages of this publisher lost just before it (lossy topics), as
+        /// `Sample::lost_before` counts them.
+        lost_before: u64,
         /// Its length in bytes (0 when unknown).
         len: u32,
         /// Why.

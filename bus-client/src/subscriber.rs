@@ -543,11 +543,13 @@ impl Subscriber {
                 Some(Delivered {
                     publisher_id,
                     seq,
+                    lost_before,
                     skipped: Some((len, reason)),
                     ..
                 }) => Err(RecvError::Skipped {
                     publisher_id,
                     seq,
+                    lost_before,
                     len,
                     reason,
                 }),

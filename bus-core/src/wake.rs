@@ -571,10 +571,12 @@ pub enum WakeError {
     Wait(#[source] io::Error),
 }
 
-/// The publisher's end of a subscriber's wake socket.
-#[derive(Debug)]
+/// The publisher's end of a subscriber's wake socket. Shared: the broker keeps one fd per
+/// subscriber and its relay (the writer for datagram publishers) wakes through that same fd,
+/// so waking costs no descriptor per publisher.
+#[derive(Clone, Debug)]
 pub struct WakeSender {
-    fd: OwnedFd,
+    fd: std::sync::Arc<OwnedFd>,
 }
 
 /// The subscriber's end of its wake socket: block on it, or register its fd with a poller.
@@ -609,7 +611,7 @@ pub fn pair() -> Result<(WakeSender, WakeReceiver), WakeError> {
         None,
     )
     .map_err(|e| WakeError::Create(e.into()))?;
-    Ok((WakeSender { fd: a }, WakeReceiver { fd: b }))
+    Ok((WakeSender::from_fd(a), WakeReceiver { fd: b }))
 }
 
 #[cfg(not(loom))]
@@ -617,14 +619,27 @@ impl WakeSender {
     /// Wraps a received fd (the broker's CURSOR_GRANTED). The fd should be non-blocking; the
     /// send uses MSG_DONTWAIT regardless.
     pub fn from_fd(fd: OwnedFd) -> Self {
+        WakeSender {
+            fd: std::sync::Arc::new(fd),
+        }
+    }
+
+    /// Wakes through an fd that is also kept elsewhere (the broker's copy of a subscriber's
+    /// wake socket).
+    pub fn from_shared(fd: std::sync::Arc<OwnedFd>) -> Self {
         WakeSender { fd }
+    }
+
+    /// The fd, to keep or to pass on (SCM_RIGHTS) while this sender may go on waking.
+    pub fn into_shared(self) -> std::sync::Arc<OwnedFd> {
+        self.fd
     }
 
     /// Sends one wake byte without blocking.
     pub fn wake(&self) -> WakeOutcome {
         use rustix::io::Errno;
         use rustix::net::{SendFlags, send};
-        match send(&self.fd, &[1u8], SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+        match send(&*self.fd, &[1u8], SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
             Ok(_) => WakeOutcome::Sent,
             Err(Errno::AGAIN) => WakeOutcome::AlreadyPending,
             // ECONNREFUSED / EPIPE / ENOTCONN: the subscriber's end is gone. Anything else
@@ -719,12 +734,6 @@ impl AsFd for WakeReceiver {
 impl AsFd for WakeSender {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
-    }
-}
-
-impl From<WakeSender> for OwnedFd {
-    fn from(s: WakeSender) -> OwnedFd {
-        s.fd
     }
 }
 

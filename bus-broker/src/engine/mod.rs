@@ -186,20 +186,40 @@ struct Topic {
 
 /// A publisher slot of a topic: the index of the cursor each subscriber keeps for that
 /// publisher's ring, in its cursor page.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Debug, Default)]
 enum Slot {
     #[default]
     Free,
     /// Held by this publisher.
     Used(u64),
-    /// Its publisher left, but these subscribers may still read its ring (they drain it, then
-    /// send RING_RELEASED): their cursor for this slot still describes the old ring, so a new
-    /// reliable publisher must not read it as theirs. Free once `holders` is empty.
-    Draining {
-        publisher: u64,
-        holders: Vec<u64>,
-        since: Instant,
-    },
+    /// Its publisher left, but subscribers may still read its ring (they drain it, then send
+    /// RING_RELEASED): their cursor for this slot still describes the old ring, so a new
+    /// reliable publisher must not read it as theirs. Free once no holder is left.
+    Draining(Box<Draining>),
+}
+
+/// A slot whose publisher left while subscribers still read its ring.
+#[derive(Debug)]
+struct Draining {
+    publisher: u64,
+    /// The broker's read-only view of the old ring (it keeps the ring mapped), to tell a
+    /// holder's real progress from a number it writes.
+    monitor: Option<Reader>,
+    /// Where the old ring's writer stopped.
+    end: u64,
+    holders: Vec<Holder>,
+}
+
+/// A subscriber still reading a departed publisher's ring.
+#[derive(Clone, Copy, Debug)]
+struct Holder {
+    sid: u64,
+    /// The furthest record boundary of the old ring it has been seen at.
+    high_water: u64,
+    /// Its cursor has been seen on the old ring (so "detached" now means it let go).
+    attached: bool,
+    /// Since when it has made no progress.
+    since: Instant,
 }
 
 const FREE_SLOTS: [Slot; bus_core::layout::CURSOR_SLOTS] =
@@ -234,11 +254,8 @@ struct Publisher {
     /// Subscribers that said RING_RELEASED for this ring: they read no more of it, so they are
     /// neither waited for nor judged on it.
     released: BTreeSet<u64>,
-    /// File descriptors the broker holds for it: the ring, and for a datagram publisher a
-    /// duplicate of the wake socket of each shared-memory subscriber its relay wakes (the
-    /// subscribers in `woken`).
+    /// File descriptors the broker holds for it: the ring.
     fds: u32,
-    woken: BTreeSet<u64>,
 }
 
 /// A datagram publisher's deferred removal (see [`Publisher::closing`]).
@@ -531,9 +548,8 @@ impl Engine {
     }
 
     /// Refuses a request that would make the broker hold `need` more descriptors for `conn`
-    /// (and `others` for other clients: the wake-socket copies of datagram publishers' relays)
     /// than its quota or the broker's budget allow (`limit-reached`, naming the limit).
-    fn check_fds(&self, conn: ConnId, need: u32, others: u32) -> Result<(), Reject> {
+    fn check_fds(&self, conn: ConnId, need: u32) -> Result<(), Reject> {
         let held = self.clients.get(&conn).map_or(0, |c| c.fds);
         let quota = self.limits.max_fds_per_client;
         if held + need > quota {
@@ -547,7 +563,7 @@ impl Engine {
                 ),
             ));
         }
-        if self.fds_used + u64::from(need) + u64::from(others) > self.fd_budget {
+        if self.fds_used + u64::from(need) > self.fd_budget {
             return Err(reject(
                 ErrorCode::LimitReached,
                 format!(
@@ -1200,19 +1216,31 @@ impl Engine {
     /// held it past the topic's stall limit (they are evicted: a subscriber that neither
     /// drains a departed publisher's ring nor lets go of it must not lock publishers out).
     fn claim_slot(&mut self, tid: u64, limit: usize) -> Result<usize, Reject> {
+        for i in 0..limit {
+            self.refresh_draining(tid, i);
+        }
         let t = &self.topics[&tid];
-        if let Some(i) = t.slots[..limit].iter().position(|s| *s == Slot::Free) {
+        if let Some(i) = t.slots[..limit]
+            .iter()
+            .position(|s| matches!(s, Slot::Free))
+        {
             return Ok(i);
         }
         let now = self.now;
-        let stale = t.slots[..limit].iter().position(
-            |s| matches!(s, Slot::Draining { since, .. } if now.duration_since(*since) >= t.stall_timeout),
-        );
+        // A slot is taken from its holders only if none of them moved on the old ring for the
+        // whole stall limit: an honest subscriber still draining it is never evicted.
+        let stale = t.slots[..limit].iter().position(|s| match s {
+            Slot::Draining(d) => d
+                .holders
+                .iter()
+                .all(|h| now.duration_since(h.since) >= t.stall_timeout),
+            _ => false,
+        });
         let (name, stall) = (t.name.clone(), t.stall_timeout);
         let Some(i) = stale else {
             let draining = t.slots[..limit]
                 .iter()
-                .filter(|s| matches!(s, Slot::Draining { .. }))
+                .filter(|s| matches!(s, Slot::Draining(_)))
                 .count();
             return Err(reject(
                 ErrorCode::LimitReached,
@@ -1232,15 +1260,16 @@ impl Engine {
                 ),
             ));
         };
-        if let Slot::Draining { holders, .. } = &self.topics[&tid].slots[i] {
+        if let Slot::Draining(d) = &self.topics[&tid].slots[i] {
             let why = format!(
-                "you did not finish reading (or release) the ring of a publisher that left \
-                 within {} ms, and a new publisher needs its slot; read faster or use a \
+                "you made no progress on (and did not release) the ring of a publisher that \
+                 left for {} ms, and a new publisher needs its slot; read faster or use a \
                  larger stall limit",
                 stall.as_millis()
             );
+            let holders: Vec<u64> = d.holders.iter().map(|h| h.sid).collect();
             self.keep_topic = Some(tid);
-            for sid in holders.clone() {
+            for sid in holders {
                 self.evict(sid, tid, &why);
             }
             self.keep_topic = None;
@@ -1248,6 +1277,41 @@ impl Engine {
         let t = self.topics.get_mut(&tid).expect("kept");
         t.slots[i] = Slot::Free;
         Ok(i)
+    }
+
+    /// Looks at the holders of draining slot `i` of `tid`: one whose cursor passed its
+    /// furthest record boundary of the old ring made progress; one whose cursor reads
+    /// "detached" after it was seen attached let go. A slot with no holder left is free.
+    fn refresh_draining(&mut self, tid: u64, i: usize) {
+        let now = self.now;
+        let Some(t) = self.topics.get_mut(&tid) else {
+            return;
+        };
+        let Slot::Draining(d) = &mut t.slots[i] else {
+            return;
+        };
+        let subscribers = &self.subscribers;
+        let (monitor, end) = (&d.monitor, d.end);
+        d.holders.retain_mut(|h| {
+            let Some(view) = subscribers.get(&h.sid).and_then(|s| s.view.as_ref()) else {
+                return false;
+            };
+            let raw = view.read_pos(i);
+            if raw == CURSOR_DETACHED {
+                return !h.attached;
+            }
+            h.attached = true;
+            let real = raw <= end
+                && (raw == end || monitor.as_ref().is_some_and(|m| m.committed_record_at(raw)));
+            if real && raw > h.high_water {
+                h.high_water = raw;
+                h.since = now;
+            }
+            true
+        });
+        if d.holders.is_empty() {
+            t.slots[i] = Slot::Free;
+        }
     }
 
     fn create_publisher_on(
@@ -1259,21 +1323,7 @@ impl Engine {
     ) -> Result<(), Reject> {
         let limit =
             (self.limits.max_publishers_per_topic as usize).min(bus_core::layout::CURSOR_SLOTS);
-        let need = 1 + if req.transport == Transport::Datagram {
-            // Its relay keeps a copy of each shared-memory subscriber's wake socket.
-            self.topics[&tid]
-                .subscribers
-                .iter()
-                .filter(|sid| {
-                    self.subscribers
-                        .get(sid)
-                        .is_some_and(|s| s.life == Life::Live && s.delivery == Transport::Shm)
-                })
-                .count() as u32
-        } else {
-            0
-        };
-        self.check_fds(conn, need, 0)?;
+        self.check_fds(conn, 1)?;
         let slot = self.claim_slot(tid, limit)?;
         let topic = &self.topics[&tid];
         let (ring_bytes, mode, max_msg) = (topic.ring_bytes, topic.mode, topic.max_message_bytes);
@@ -1297,7 +1347,6 @@ impl Engine {
             closing: None,
             released: BTreeSet::new(),
             fds: 1,
-            woken: BTreeSet::new(),
         };
         let grant = RingGranted {
             role: if req.transport == Transport::Shm {
@@ -1449,6 +1498,10 @@ impl Engine {
         let (cursor_fd, wake_tx, ring_fd) =
             (s.cursor_fd.clone(), s.wake_tx.clone(), p.ring_fd.clone());
 
+        // An introduction is a fresh start: whatever was released before does not carry over.
+        if let Some(p) = self.publishers.get_mut(&pid) {
+            p.released.remove(&sid);
+        }
         if cfg.mode == Mode::Reliable && self.next_stall_check.is_none() {
             self.next_stall_check = Some(self.now + STALL_CHECK_EVERY);
         }
@@ -1461,39 +1514,32 @@ impl Engine {
                 .map_err(|e| e.to_string())
                 .and_then(|m| CursorView::attach(m, sid).map_err(|e| e.to_string()));
             // The broker's own relay (a datagram subscriber) is pumped directly after each
-            // PUBLISH (`pump_relays`): it needs no wake datagram from the broker to itself.
-            let wake = if delivery == Transport::Datagram {
-                Ok(None)
-            } else {
-                rustix::io::fcntl_dupfd_cloexec(&*wake_tx, 0)
-                    .map(|fd| Some(WakeSender::from_fd(fd)))
-            };
-            match (view, wake) {
-                (Ok(view), Ok(wake)) => {
-                    let has_wake = wake.is_some();
-                    let p = self.publishers.get_mut(&pid).expect("exists");
-                    let w = p.writer.as_mut().expect("relay");
+            // PUBLISH (`pump_relays`): it needs no wake datagram from the broker to itself. A
+            // shared-memory subscriber is woken through the broker's own copy of its wake
+            // socket: no descriptor per (relay, subscriber) pair.
+            let wake = (delivery != Transport::Datagram).then(|| WakeSender::from_shared(wake_tx));
+            match view {
+                Ok(view) => {
+                    let w = self
+                        .publishers
+                        .get_mut(&pid)
+                        .and_then(|p| p.writer.as_mut())
+                        .expect("relay");
                     let added = if from_start {
                         w.add_reader_from_start(view, slot as usize, wake)
                     } else {
                         w.add_reader(view, slot as usize, wake)
                     };
-                    match added {
-                        Ok(()) if has_wake && p.woken.insert(sid) => {
-                            p.fds += 1;
-                            self.charge_fds(pconn, 1);
-                        }
-                        Ok(()) => {}
-                        // Config validation bounds subscribers per topic by the readers a
-                        // writer tracks, so this is a broker bug: loud, not silent.
-                        Err(e) => tracing::error!(
+                    // Config validation bounds subscribers per topic by the readers a writer
+                    // tracks, so this is a broker bug: loud, not silent.
+                    if let Err(e) = added {
+                        tracing::error!(
                             publisher = pid, subscriber = sid, %e,
                             "relay cannot track subscriber: its reliable delivery is not guaranteed"
-                        ),
+                        );
                     }
                 }
-                (Err(e), _) => tracing::warn!(subscriber = sid, %e, "cursor page unusable"),
-                (_, Err(e)) => tracing::warn!(subscriber = sid, %e, "cannot dup wake socket"),
+                Err(e) => tracing::warn!(subscriber = sid, %e, "cursor page unusable"),
             }
         } else {
             let grant = CursorGranted {
@@ -1627,29 +1673,41 @@ impl Engine {
         // Subscribers that read its ring keep their cursor for this slot until they are done
         // with it (reliable topics: a new writer in the slot would take that cursor for its
         // own). Lossy writers never read cursors, so the slot is free at once.
-        let holders: Vec<u64> = if p.life == Life::Live && t.mode == Mode::Reliable {
+        let now = self.now;
+        let slot = p.slot as usize;
+        debug_assert!(
+            matches!(t.slots[slot], Slot::Used(holder) if holder == pid),
+            "publisher {pid} did not hold its slot {slot}"
+        );
+        let holders: Vec<Holder> = if p.life == Life::Live && t.mode == Mode::Reliable {
             subs.iter()
-                .copied()
-                .filter(|sid| {
-                    !p.released.contains(sid)
-                        && self
-                            .subscribers
-                            .get(sid)
-                            .is_some_and(|s| s.life == Life::Live)
+                .filter(|sid| !p.released.contains(sid))
+                .filter_map(|&sid| {
+                    let s = self.subscribers.get(&sid)?;
+                    let raw = s.view.as_ref()?.read_pos(slot);
+                    let attached = raw != CURSOR_DETACHED;
+                    (s.life == Life::Live).then_some(Holder {
+                        sid,
+                        high_water: if attached { raw } else { 0 },
+                        attached,
+                        since: now,
+                    })
                 })
                 .collect()
         } else {
             Vec::new()
         };
         let t = self.topics.get_mut(&p.topic).expect("exists");
-        t.slots[p.slot as usize] = if holders.is_empty() {
+        t.slots[slot] = if holders.is_empty() {
             Slot::Free
         } else {
-            Slot::Draining {
+            let end = p.monitor.as_ref().map_or(0, |m| m.writer_progress().0);
+            Slot::Draining(Box::new(Draining {
                 publisher: pid,
+                monitor: p.monitor.take(),
+                end,
                 holders,
-                since: self.now,
-            }
+            }))
         };
         for sid in &subs {
             if let Some(s) = self.subscribers.get_mut(sid) {
@@ -1724,23 +1782,7 @@ impl Engine {
         req: &Subscribe<'_>,
         tid: u64,
     ) -> Result<(), Reject> {
-        let topic = &self.topics[&tid];
-        // A shared-memory subscriber costs each datagram publisher's relay a copy of its wake
-        // socket.
-        let relays = if req.delivery == Transport::Shm {
-            topic
-                .publishers
-                .iter()
-                .filter(|pid| {
-                    self.publishers
-                        .get(pid)
-                        .is_some_and(|p| p.life == Life::Live && p.writer.is_some())
-                })
-                .count() as u32
-        } else {
-            0
-        };
-        self.check_fds(conn, subscriber_fds(req.delivery), relays)?;
+        self.check_fds(conn, subscriber_fds(req.delivery))?;
         let topic = &self.topics[&tid];
         if topic.subscribers.len() >= self.limits.max_subscribers_per_topic as usize {
             return Err(reject(
@@ -1765,7 +1807,7 @@ impl Engine {
             delivery: req.delivery,
             life: Life::Pending,
             cursor_fd: Arc::new(cursor_fd),
-            wake_tx: Arc::new(tx.into()),
+            wake_tx: tx.into_shared(),
             view: None,
             fallback: None,
             stall: BTreeMap::new(),
@@ -2214,6 +2256,7 @@ impl Engine {
                         subscriber_id: sid,
                         publisher_id,
                         seq,
+                        lost_before: sample.lost_before(),
                         len: sample.len() as u32,
                         reason,
                     };
@@ -2258,6 +2301,7 @@ impl Engine {
                         subscriber_id: sid,
                         publisher_id,
                         seq: fb.next_seq.get(publisher_id),
+                        lost_before: 0,
                         len: 0,
                         reason: SkipReason::CorruptRing,
                     })
@@ -2307,16 +2351,21 @@ impl Engine {
     /// dropped it). A live publisher stops waiting for it and it is no longer judged on that
     /// ring; a departed publisher's slot is freed once no subscriber holds it.
     fn release_ring(&mut self, sid: u64, pid: u64) {
-        let Some(s) = self.subscribers.get_mut(&sid) else {
+        let Some(s) = self.subscribers.get(&sid) else {
             return;
         };
-        s.stall.remove(&pid);
         let (tid, sub_live) = (s.topic, s.life == Life::Live);
         if let Some(p) = self.publishers.get_mut(&pid)
             && p.topic == tid
         {
-            if !p.released.insert(sid) || !sub_live {
+            // Only a ring the subscriber was given can be released: before both sides are
+            // live the pair has not been introduced, and a release then would excuse the
+            // subscriber from judgement on a ring whose writer is later told to honour it.
+            if !sub_live || p.life != Life::Live || !p.released.insert(sid) {
                 return;
+            }
+            if let Some(s) = self.subscribers.get_mut(&sid) {
+                s.stall.remove(&pid);
             }
             if p.writer.is_some() {
                 self.relay_drop_reader(pid, sid);
@@ -2335,19 +2384,14 @@ impl Engine {
         self.drop_slot_holder(tid, sid, Some(pid));
     }
 
-    /// A datagram publisher's relay stops tracking subscriber `sid` (and closes its copy of
-    /// the subscriber's wake socket).
+    /// A datagram publisher's relay stops tracking subscriber `sid`.
     fn relay_drop_reader(&mut self, pid: u64, sid: u64) {
-        let Some(p) = self.publishers.get_mut(&pid) else {
-            return;
-        };
-        if let Some(w) = p.writer.as_mut() {
+        if let Some(w) = self
+            .publishers
+            .get_mut(&pid)
+            .and_then(|p| p.writer.as_mut())
+        {
             w.remove_reader(sid);
-        }
-        if p.woken.remove(&sid) {
-            p.fds -= 1;
-            let conn = p.conn;
-            self.refund_fds(conn, 1);
         }
     }
 
@@ -2358,13 +2402,11 @@ impl Engine {
             return;
         };
         for slot in &mut t.slots {
-            if let Slot::Draining {
-                publisher, holders, ..
-            } = slot
-                && pid.is_none_or(|p| p == *publisher)
+            if let Slot::Draining(d) = slot
+                && pid.is_none_or(|p| p == d.publisher)
             {
-                holders.retain(|&h| h != sid);
-                if holders.is_empty() {
+                d.holders.retain(|h| h.sid != sid);
+                if d.holders.is_empty() {
                     *slot = Slot::Free;
                 }
             }

@@ -19,6 +19,7 @@ mod support;
 use delivery::End;
 use memory::{Cursor, Lie};
 
+/// One test per driver for each `name => fn(driver)`.
 macro_rules! per_driver {
     ($($name:ident => $body:expr),* $(,)?) => {
         mod epoll {
@@ -31,6 +32,9 @@ macro_rules! per_driver {
         }
     };
 }
+
+// After the macro: the review's tests use it too.
+mod review;
 
 per_driver!(
     item01_backlog_then_close_publisher_delivers_all => |d| delivery::backlog_at_close(d, End::Close, false),

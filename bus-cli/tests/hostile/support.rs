@@ -365,6 +365,9 @@ pub struct Proc {
     pub child: Child,
     pub lines: Arc<Mutex<Vec<String>>>,
     pub what: String,
+    /// The stdout and stderr reader threads: joined by `wait_exit`, so that every line the
+    /// process wrote is in `lines` once it has exited.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -377,7 +380,7 @@ impl Proc {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().unwrap();
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let stdout = std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 sink.lock().unwrap().push(line);
@@ -385,7 +388,7 @@ impl Proc {
         });
         let err = child.stderr.take().unwrap();
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let stderr = std::thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
                 sink.lock().unwrap().push(format!("stderr: {line}"));
@@ -395,6 +398,7 @@ impl Proc {
             child,
             lines,
             what: what.to_owned(),
+            readers: vec![stdout, stderr],
         }
     }
 
@@ -428,6 +432,15 @@ impl Proc {
             status = self.child.try_wait().unwrap();
             status.is_some()
         });
+        // The pipes reach EOF now (unless the process left children holding them: then the
+        // readers are left to finish on their own).
+        let end = Instant::now() + DEADLINE;
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for r in self.readers.drain(..).filter(|r| r.is_finished()) {
+            let _ = r.join();
+        }
         status.unwrap()
     }
 }

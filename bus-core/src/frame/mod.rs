@@ -441,6 +441,9 @@ pub struct Skipped {
     /// The message's sequence number in that publisher's ring (for
     /// [`SkipReason::CorruptRing`]: the first sequence number not delivered).
     pub seq: u64,
+    /// Messages of this publisher lost just before this one (lossy topics; else 0), as in
+    /// DELIVER.
+    pub lost_before: u64,
     /// The message's length in bytes (0 when unknown: a corrupt ring).
     pub len: u32,
     /// Why.
@@ -897,6 +900,7 @@ fn decode_body<'a>(rd: &mut Rd<'a>, ty: MsgType, more: bool) -> Result<Msg<'a>, 
             subscriber_id: rd.u64("subscriber_id")?,
             publisher_id: rd.u64("publisher_id")?,
             seq: rd.u64("seq")?,
+            lost_before: rd.u64("lost_before")?,
             len: rd.u32("len")?,
             reason: u16_enum(rd, "reason", SkipReason::from_raw)?,
         }),
@@ -1099,7 +1103,7 @@ impl Msg<'_> {
             Msg::Evicted(m) => 18 + str_len("message", m.message, MAX_ERROR_MESSAGE_BYTES)?,
             Msg::Publish(m) => PUBLISH_FIXED_BYTES + m.payload.len(),
             Msg::Deliver(m) => DELIVER_FIXED_BYTES + m.payload.len(),
-            Msg::Skipped(_) => 30,
+            Msg::Skipped(_) => 38,
             Msg::StatsReply(m) => m.json.len(),
         })
     }
@@ -1207,6 +1211,7 @@ impl Msg<'_> {
                 w.u64(m.subscriber_id);
                 w.u64(m.publisher_id);
                 w.u64(m.seq);
+                w.u64(m.lost_before);
                 w.u32(m.len);
                 w.u16(m.reason.to_raw());
             }

@@ -551,21 +551,221 @@ fn descriptor_quota_and_budget() {
     assert_eq!(h.e.fds_in_use(), 12, "the hog's descriptors are back");
     let got = dg_subscribe(&mut h, 2, "r3");
     assert!(matches!(got[0].msg(), Msg::Subscribed(_)), "{got:?}");
-    // A datagram publisher's relay holds a copy of each shared-memory subscriber's wake
-    // socket: counted, and given back.
+    // A datagram publisher's relay wakes shared-memory subscribers through the broker's own
+    // copy of their wake socket: subscribers joining cost the publisher's client nothing (it
+    // used to be charged a descriptor per subscriber, so a few subscribers locked datagram
+    // publishers out of a topic).
     h.e.on_disconnect(2);
     h.drain();
     assert_eq!(h.e.fds_in_use(), 0);
+    h.e.set_fd_budget(1000);
     h.connect(3);
-    h.connect(4);
-    let (_page, _sid, _) = h.subscriber(4, "relay");
     let got = create(&mut h, 3, "relay", 0, Transport::Datagram);
     assert!(matches!(got[0].msg(), Msg::RingGranted(_)), "{got:?}");
-    assert_eq!(h.e.fds_in_use(), 2 + 1 + 1);
-    h.e.on_disconnect(4);
-    h.drain();
-    assert_eq!(h.e.fds_in_use(), 1);
-    h.e.on_disconnect(3);
+    for conn in 10..30 {
+        h.connect(conn);
+        let _ = h.subscriber(conn, "relay");
+    }
+    assert_eq!(h.e.fds_in_use(), 1 + 20 * 2);
+    for i in 0..3 {
+        let got = dg_subscribe(&mut h, 3, &format!("own{i}"));
+        assert!(matches!(got[0].msg(), Msg::Subscribed(_)), "{got:?}");
+    }
+    h.connect(4);
+    let got = create(&mut h, 4, "relay", 0, Transport::Datagram);
+    assert!(
+        matches!(got[0].msg(), Msg::RingGranted(_)),
+        "a second relay: {got:?}"
+    );
+    for conn in (3..5).chain(10..30) {
+        h.e.on_disconnect(conn);
+    }
     h.drain();
     assert_eq!(h.e.fds_in_use(), 0);
+}
+
+/// Found by review: a RING_RELEASED sent before the pair was introduced (subscriber or
+/// publisher still pending) excused the subscriber from judgement on a ring whose writer was
+/// then told to honour its cursor: the publisher was blocked for good.
+#[test]
+fn release_before_the_pair_is_introduced_is_ignored() {
+    for pending in ["subscriber", "publisher"] {
+        let limits = Limits {
+            stall_timeout_ms: 100,
+            ..Limits::default()
+        };
+        let mut h = Harness::with(limits, own_policy());
+        h.connect(1);
+        h.connect(2);
+        let (mut w, page, sid, got) = if pending == "subscriber" {
+            let (w, pid, _) = h.publisher(1, "early", ModeRequest::Reliable);
+            let got = h.frame(
+                2,
+                40,
+                Msg::Subscribe(Subscribe {
+                    mode: ModeRequest::Any,
+                    delivery: Transport::Shm,
+                    topic: "early",
+                }),
+            );
+            let Msg::Subscribed(sub) = got[0].msg() else {
+                panic!("{got:?}")
+            };
+            let page = CursorPage::init(
+                map_cursor_page(got[0].fds[0].as_fd(), Access::ReadWrite).unwrap(),
+                sub.subscriber_id,
+            )
+            .unwrap();
+            h.frame(
+                2,
+                41,
+                Msg::RingReleased {
+                    subscriber_id: sub.subscriber_id,
+                    publisher_id: pid,
+                },
+            );
+            let got = h.frame(
+                2,
+                42,
+                Msg::SubscriberReady {
+                    subscriber_id: sub.subscriber_id,
+                },
+            );
+            (w, Arc::new(page), sub.subscriber_id, got)
+        } else {
+            let (page, sid, _) = h.subscriber(2, "early");
+            let got = create(&mut h, 1, "early", 8192, Transport::Shm);
+            let Msg::RingGranted(g) = got[0].msg() else {
+                panic!("{got:?}")
+            };
+            let map = map_ring(
+                got[0].fds[0].as_fd(),
+                g.data_bytes as usize,
+                Access::ReadWrite,
+            )
+            .unwrap();
+            let cfg = RingConfig {
+                mode: g.mode,
+                data_bytes: g.data_bytes,
+                max_message_bytes: g.max_message_bytes,
+                publisher_id: g.publisher_id,
+            };
+            let w = Writer::create(map, cfg).unwrap();
+            h.frame(
+                2,
+                41,
+                Msg::RingReleased {
+                    subscriber_id: sid,
+                    publisher_id: g.publisher_id,
+                },
+            );
+            let got = h.frame(
+                1,
+                42,
+                Msg::PublisherReady {
+                    publisher_id: g.publisher_id,
+                },
+            );
+            (w, page, sid, got)
+        };
+        track(&mut w, &got);
+        let grant = got
+            .iter()
+            .find(|g| g.conn == 2 && matches!(g.msg(), Msg::RingGranted(_)))
+            .expect("the subscriber gets the ring");
+        let _r = reader_from(grant, &page);
+        fill(&mut w);
+        ticks(&mut h, 3);
+        let got = h.drain();
+        assert!(
+            got.iter()
+                .any(|g| matches!(g.msg(), Msg::Evicted(e) if e.subscriber_id == sid)),
+            "{pending} pending: the staller is judged: {got:?}"
+        );
+    }
+}
+
+/// Found by review: a subscriber still draining a departed publisher's ring was evicted from
+/// its slot after the stall limit although it kept reading. Only a holder that made no
+/// progress for the whole limit loses the slot; one that read to the end and let go of the
+/// ring frees it (even without RING_RELEASED).
+#[test]
+fn draining_holder_that_progresses_keeps_its_slot() {
+    let limits = Limits {
+        max_publishers_per_topic: 1,
+        stall_timeout_ms: 100,
+        ..Limits::default()
+    };
+    let mut h = Harness::with(limits, own_policy());
+    h.connect(1);
+    h.connect(2);
+    let (page, sid, _) = h.subscriber(2, "drain");
+    let (mut w, pid, got) = h.publisher(1, "drain", ModeRequest::Reliable);
+    track(&mut w, &got);
+    let mut r = reader_from(got.iter().find(|g| g.conn == 2).unwrap(), &page);
+    for i in 0..10u8 {
+        w.publish(&[i; 100]).unwrap();
+    }
+    h.frame(1, 12, Msg::ClosePublisher { publisher_id: pid });
+    for i in 0..10u8 {
+        h.now += Duration::from_millis(60);
+        let got = create(&mut h, 1, "drain", 0, Transport::Shm);
+        assert_eq!(error_code(&got[0]), ErrorCode::LimitReached, "at {i}");
+        assert!(
+            !got.iter().any(|g| matches!(g.msg(), Msg::Evicted(_))),
+            "a reading holder is not evicted (at {i}): {got:?}"
+        );
+        assert_eq!(r.try_recv().unwrap().unwrap()[0], i);
+    }
+    drop(r);
+    let got = create(&mut h, 1, "drain", 0, Transport::Shm);
+    assert!(matches!(got[0].msg(), Msg::RingGranted(_)), "{got:?}");
+    assert!(
+        h.e.stats_json()["broker"]["evictions"] == 0,
+        "sid {sid} stayed"
+    );
+}
+
+/// Found by review: a SKIPPED frame that replaced a lapped lossy sample dropped the sample's
+/// `lost_before`, so the messages lost before it went unaccounted. SKIPPED carries it.
+#[test]
+fn skipped_carries_what_was_lost_before_it() {
+    let mut h = Harness::new();
+    h.connect(1);
+    h.connect(2);
+    let (mut w, pid, _) = h.publisher_sized(1, "lap", ModeRequest::Lossy, 1 << 18);
+    let got = dg_subscribe(&mut h, 2, "lap");
+    assert!(matches!(got[0].msg(), Msg::Subscribed(_)), "{got:?}");
+    w.publish(b"first").unwrap();
+    let token = h.watches[0].0;
+    h.e.on_wake(token);
+    let got = h.drain();
+    assert_eq!(delivers(&got).len(), 1);
+    // Lap the relay (it is not woken), then end with a message too large for a DELIVER: the
+    // relay resynchronises to it (latest wins).
+    let lapped = 3 * (1 << 18) / 1024;
+    for _ in 0..lapped {
+        w.publish(&[1u8; 1000]).unwrap();
+    }
+    w.publish(&vec![2u8; 70_000]).unwrap();
+    h.e.on_wake(token);
+    let got = h.drain();
+    let skipped: Vec<_> = got
+        .iter()
+        .filter_map(|g| match g.msg() {
+            Msg::Skipped(k) => Some(k),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(skipped.len(), 1, "{got:?}");
+    let k = skipped[0];
+    assert_eq!(
+        (k.publisher_id, k.reason, k.len),
+        (pid, SkipReason::TooLarge, 70_000)
+    );
+    assert_eq!(k.seq, lapped as u64 + 1);
+    assert_eq!(
+        k.lost_before, lapped as u64,
+        "every message between the first and the skipped one is counted as lost"
+    );
 }
