@@ -153,10 +153,31 @@ impl FdPlan {
         let available = nofile.saturating_sub(RESERVED_FDS);
         let need = |l: &Limits| u64::from(l.max_clients) + u64::from(l.max_fds_per_client) * 2;
         if need(limits) > available {
-            let scalable = limits.max_clients == defaults.max_clients
-                && limits.max_fds_per_client == defaults.max_fds_per_client;
-            let min = 1 + 2 * u64::from(crate::config::MIN_FDS_PER_CLIENT);
-            if !scalable || available < min {
+            let min_quota = u64::from(crate::config::MIN_FDS_PER_CLIENT);
+            let clients_default = limits.max_clients == defaults.max_clients;
+            let quota_default = limits.max_fds_per_client == defaults.max_fds_per_client;
+            let clients = u64::from(limits.max_clients);
+            let quota = u64::from(limits.max_fds_per_client);
+            // Limits left at their defaults give way to those the config set: half for
+            // connections and an eighth per client when both are defaults.
+            let scaled = match (clients_default, quota_default) {
+                (true, true) => {
+                    let quota = (available / 8)
+                        .max(min_quota)
+                        .min(u64::from(defaults.max_fds_per_client));
+                    let clients = (available / 2).min(available.saturating_sub(2 * quota));
+                    Some((clients, quota))
+                }
+                (true, false) => Some((available.saturating_sub(2 * quota), quota)),
+                (false, true) => {
+                    let quota = (available.saturating_sub(clients) / 2)
+                        .min(u64::from(defaults.max_fds_per_client));
+                    Some((clients, quota))
+                }
+                (false, false) => None,
+            }
+            .filter(|&(clients, quota)| clients >= 1 && quota >= min_quota);
+            let Some((clients, quota)) = scaled else {
                 return Err(format!(
                     "limits.max_clients ({}) plus twice limits.max_fds_per_client ({}) plus \
                      {RESERVED_FDS} reserved descriptors need {} file descriptors, but the \
@@ -166,16 +187,13 @@ impl FdPlan {
                     limits.max_fds_per_client,
                     need(limits) + RESERVED_FDS
                 ));
-            }
-            // Half for connections, the rest for segments; one client may take an eighth.
-            limits.max_clients = (available / 2).min(u64::from(u32::MAX)) as u32;
-            limits.max_fds_per_client = ((available / 8) as u32)
-                .max(crate::config::MIN_FDS_PER_CLIENT)
-                .min(defaults.max_fds_per_client);
+            };
+            limits.max_clients = clients.min(u64::from(u32::MAX)) as u32;
+            limits.max_fds_per_client = quota as u32;
             tracing::warn!(
-                "the file-descriptor limit is {nofile} (RLIMIT_NOFILE): limits.max_clients \
-                 lowered to {} and limits.max_fds_per_client to {}; raise the limit (ulimit -n, \
-                 LimitNOFILE=) for more",
+                "the file-descriptor limit is {nofile} (RLIMIT_NOFILE): limits.max_clients is \
+                 {} and limits.max_fds_per_client {} (what the config leaves at its default is \
+                 lowered to fit); raise the limit (ulimit -n, LimitNOFILE=) for more",
                 limits.max_clients,
                 limits.max_fds_per_client
             );
@@ -316,10 +334,35 @@ mod tests {
         );
     }
 
+    /// Found by review: one limit set in the config stopped the other, left at its default,
+    /// from being scaled.
+    #[test]
+    fn a_default_limit_gives_way_to_a_configured_one() {
+        let mut limits = Limits {
+            max_fds_per_client: 8,
+            ..Limits::default()
+        };
+        let plan = FdPlan::make(&mut limits, 256).unwrap();
+        assert_eq!(limits.max_fds_per_client, 8);
+        assert_eq!(u64::from(limits.max_clients), 256 - RESERVED_FDS - 16);
+        assert!(plan.segments >= 16);
+        let mut limits = Limits {
+            max_clients: 100,
+            ..Limits::default()
+        };
+        let plan = FdPlan::make(&mut limits, 1024).unwrap();
+        assert_eq!(limits.max_clients, 100);
+        assert!(
+            u64::from(limits.max_fds_per_client) * 2 <= plan.segments,
+            "{limits:?}"
+        );
+    }
+
     #[test]
     fn configured_limits_that_cannot_fit_are_refused_naming_them() {
         let mut limits = Limits {
             max_clients: 1000,
+            max_fds_per_client: 64,
             ..Limits::default()
         };
         let err = FdPlan::make(&mut limits, 1024).unwrap_err();
