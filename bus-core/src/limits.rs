@@ -37,7 +37,9 @@ pub struct Limits {
     pub stall_timeout_ms: u32,
     /// File descriptors the broker may hold for one connection's publishers and subscribers
     /// (rings, cursor pages, wake sockets): a quota, so that one client cannot use up the
-    /// broker's descriptors and lock the others out.
+    /// broker's descriptors and lock the others out. The default, 1,024, is 512 shared-memory
+    /// or 256 datagram subscriptions, and keeps the defaults within a hard RLIMIT_NOFILE of
+    /// 20,000 (64 reserved + 16,384 connections + twice the quota).
     pub max_fds_per_client: u32,
 }
 
@@ -53,7 +55,7 @@ impl Default for Limits {
             max_queued_replies: 256,
             handshake_timeout_ms: 5_000,
             stall_timeout_ms: 2_000,
-            max_fds_per_client: 4_096,
+            max_fds_per_client: 1_024,
         }
     }
 }
