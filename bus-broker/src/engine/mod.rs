@@ -14,9 +14,10 @@
 //! at the subscriber's cursor page (whose slot reads "detached" until the subscriber attaches)
 //! when the subscriber starts reading. See `docs/protocol.md`, "Handoff sequence".
 
+mod invariants;
 mod stats;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -344,13 +345,13 @@ pub struct Engine {
     decls: Vec<TopicDecl>,
     started: Instant,
     next_id: u64,
-    clients: HashMap<ConnId, Client>,
-    topics: HashMap<u64, Topic>,
-    topic_by_name: HashMap<String, u64>,
-    publishers: HashMap<u64, Publisher>,
-    subscribers: HashMap<u64, Subscriber>,
+    clients: BTreeMap<ConnId, Client>,
+    topics: BTreeMap<u64, Topic>,
+    topic_by_name: BTreeMap<String, u64>,
+    publishers: BTreeMap<u64, Publisher>,
+    subscribers: BTreeMap<u64, Subscriber>,
     /// Wake token -> datagram subscriber id.
-    tokens: HashMap<u64, u64>,
+    tokens: BTreeMap<u64, u64>,
     out: VecDeque<Out>,
     next_stall_check: Option<Instant>,
     evictions: u64,
@@ -495,12 +496,12 @@ impl Engine {
             decls: topics,
             started: now,
             next_id: 1,
-            clients: HashMap::new(),
-            topics: HashMap::new(),
-            topic_by_name: HashMap::new(),
-            publishers: HashMap::new(),
-            subscribers: HashMap::new(),
-            tokens: HashMap::new(),
+            clients: BTreeMap::new(),
+            topics: BTreeMap::new(),
+            topic_by_name: BTreeMap::new(),
+            publishers: BTreeMap::new(),
+            subscribers: BTreeMap::new(),
+            tokens: BTreeMap::new(),
             out: VecDeque::new(),
             next_stall_check: None,
             evictions: 0,
@@ -810,13 +811,12 @@ impl Engine {
                 None => self.next_stall_check = Some(now + STALL_CHECK_EVERY),
             }
         }
-        let mut fallback_subs: Vec<u64> = self
+        let fallback_subs: Vec<u64> = self
             .subscribers
             .values()
             .filter(|s| s.fallback.is_some())
             .map(|s| s.id)
             .collect();
-        fallback_subs.sort_unstable();
         self.pump_again.clear();
         for sid in fallback_subs {
             self.pump_fallback(sid);
@@ -1389,6 +1389,10 @@ impl Engine {
         let topic = self.topics.get_mut(&tid).expect("exists");
         topic.slots[slot] = Slot::Used(pid);
         topic.publishers.push(pid);
+        // A ring of this size exists now: the topic's geometry can no longer change (it did
+        // when the first publisher asked for the default and a later one for a size, and the
+        // first ring's readers were then granted the wrong size).
+        topic.geometry_fixed = true;
         self.clients
             .get_mut(&conn)
             .expect("exists")
@@ -2443,8 +2447,7 @@ impl Engine {
     fn check_stalls(&mut self, now: Instant) {
         let mut evict = Vec::new();
         let mut wake = Vec::new();
-        let mut tids: Vec<u64> = self.topics.keys().copied().collect();
-        tids.sort_unstable();
+        let tids: Vec<u64> = self.topics.keys().copied().collect();
         for tid in tids {
             let t = &self.topics[&tid];
             if t.mode != Mode::Reliable {

@@ -120,6 +120,9 @@ impl Harness {
                 Out::Wake { fd } => self.wakes.push(fd),
             }
         }
+        if let Err(e) = self.e.check_invariants() {
+            panic!("engine invariant broken: {e}");
+        }
         got
     }
 
@@ -860,3 +863,4 @@ fn full_relay_pauses_the_publisher_instead_of_refusing() {
 }
 
 mod hardening;
+mod sim;
