@@ -769,3 +769,29 @@ fn skipped_carries_what_was_lost_before_it() {
         "every message between the first and the skipped one is counted as lost"
     );
 }
+
+/// Found by the simulation: a topic whose first publisher asked for the default ring size
+/// kept its geometry open; a second publisher's size request changed it, and the first ring's
+/// readers were then granted the wrong size (their mapping failed). A ring fixes it.
+#[test]
+fn the_first_ring_fixes_the_topic_geometry() {
+    let mut h = Harness::new();
+    h.connect(1);
+    h.connect(2);
+    let got = create(&mut h, 1, "geo", 0, Transport::Datagram);
+    let Msg::RingGranted(first) = got[0].msg() else {
+        panic!("{got:?}")
+    };
+    let got = create(&mut h, 1, "geo", 8192, Transport::Datagram);
+    assert_eq!(error_code(&got[0]), ErrorCode::TopicConflict, "{got:?}");
+    let (page, _, got) = h.subscriber(2, "geo");
+    let grant = got
+        .iter()
+        .find(|g| matches!(g.msg(), Msg::RingGranted(_)))
+        .expect("the first publisher's ring");
+    let Msg::RingGranted(g) = grant.msg() else {
+        unreachable!()
+    };
+    assert_eq!(g.data_bytes, first.data_bytes);
+    let _reader = reader_from(grant, &page);
+}
