@@ -272,6 +272,7 @@ fn run(args: Args, driver_flag: Option<String>) -> Result<(), Failure> {
         settings.limits.clone(),
         settings.topics.clone(),
         policy.policy().clone(),
+        Instant::now(),
     );
     engine.set_fd_budget(fds.segments);
     let options = Options::new(&settings.limits, policy);

@@ -487,9 +487,9 @@ fn reject(code: ErrorCode, message: impl Into<String>) -> Reject {
 }
 
 impl Engine {
-    /// A new engine: limits and declared topics from the config, and the policy in force.
-    pub fn new(limits: Limits, topics: Vec<TopicDecl>, policy: Policy) -> Engine {
-        let now = Instant::now();
+    /// A new engine at time `now`: limits and declared topics from the config, and the policy
+    /// in force. The engine reads no clock: time comes with the events.
+    pub fn new(limits: Limits, topics: Vec<TopicDecl>, policy: Policy, now: Instant) -> Engine {
         let mut e = Engine {
             limits,
             policy,

@@ -274,7 +274,7 @@ mod tests {
     fn stats_shows_each_client_what_the_policy_lets_it_use() {
         let policy = Policy::parse(POLICY, Path::new("policy.toml"), &UserDb::parse("", ""))
             .expect("policy parses");
-        let mut e = Engine::new(Limits::default(), Vec::new(), policy);
+        let mut e = Engine::new(Limits::default(), Vec::new(), policy, Instant::now());
         client(&mut e, 1, 1001, 1001);
         publish_on(&mut e, 1, "a.one");
         client(&mut e, 2, 1005, 1005);

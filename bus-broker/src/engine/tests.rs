@@ -69,9 +69,10 @@ impl Harness {
     }
 
     fn with(limits: Limits, policy: Policy) -> Harness {
+        let now = Instant::now();
         Harness {
-            e: Engine::new(limits, Vec::new(), policy),
-            now: Instant::now(),
+            e: Engine::new(limits, Vec::new(), policy, now),
+            now,
             watches: Vec::new(),
             closed: Vec::new(),
             paused: Vec::new(),
