@@ -830,19 +830,6 @@ impl Writer {
         commit_word.load(Ordering::Relaxed) == pos + 1
     }
 
-    /// The slowest reader's position, for stats and the broker's stall detection.
-    pub fn slowest_reader(&self) -> Option<(u64, u64)> {
-        self.readers
-            .iter()
-            .filter(|r| !r.cursor.is_closed())
-            .filter_map(|r| {
-                let pos = r.cursor.read_pos(r.slot);
-                (pos != CURSOR_DETACHED).then(|| (r.cursor.subscriber_id(), pos))
-            })
-            .min_by_key(|&(_, pos)| pos)
-            .map(|(id, pos)| (id, self.next_pos.saturating_sub(pos)))
-    }
-
     /// Loans space for a `len`-byte payload without blocking.
     #[inline]
     pub fn try_loan(&mut self, len: usize) -> Result<Loan<'_>, LoanError> {

@@ -52,12 +52,22 @@ mod tests {
         assert!(matches!(err, PinError::OutOfRange { .. }), "{err}");
     }
 
+    /// Pins to a CPU this process may use (CPU 0 may be outside the cpuset) and checks that
+    /// the kernel now runs the thread there alone.
     #[test]
-    fn pin_to_cpu_zero_works() {
-        // Run in a scoped thread so the test harness thread keeps its affinity.
-        std::thread::spawn(|| pin_current_thread(0))
-            .join()
-            .expect("thread")
-            .expect("pin to cpu 0");
+    fn pin_to_an_allowed_cpu_works() {
+        // In a thread of its own, so the test harness thread keeps its affinity.
+        std::thread::spawn(|| {
+            let allowed = rustix::thread::sched_getaffinity(None).expect("affinity");
+            let cpu = (0..CpuSet::MAX_CPU)
+                .find(|&c| allowed.is_set(c))
+                .expect("some CPU is allowed");
+            pin_current_thread(cpu).expect("pin to an allowed cpu");
+            let now = rustix::thread::sched_getaffinity(None).expect("affinity");
+            assert_eq!(now.count(), 1, "pinned to one CPU");
+            assert!(now.is_set(cpu), "pinned to cpu {cpu}");
+        })
+        .join()
+        .expect("thread");
     }
 }

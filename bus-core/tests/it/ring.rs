@@ -510,9 +510,28 @@ fn positions_near_u64_max_do_not_overflow() {
     let rmap = map_ring(&f.ring_fd, 4096, Access::ReadOnly).unwrap();
     let mut r = Reader::attach(rmap, f.cfg, None, StartAt::Next).unwrap();
     forge_record(&f, u64::MAX - 127, 5, 8, 1);
+    // Nothing is committed at the reader's position (a record behind it does not count).
     for _ in 0..4 {
-        let _ = r.try_recv();
+        assert!(matches!(r.try_recv(), Ok(None)));
     }
+    assert!(!r.has_pending());
+    // A committed record there whose end lies past u64::MAX is a state no honest writer
+    // reaches: reported once, then the ring is neither read nor polled again.
+    forge_record(&f, r.position(), 0, 8, 1);
+    assert!(r.has_pending());
+    let mut errors = 0;
+    for _ in 0..4 {
+        match r.try_recv() {
+            Ok(Some(_)) => panic!("a record ending past u64::MAX was delivered"),
+            Ok(None) => {}
+            Err(_) => errors += 1,
+        }
+    }
+    assert_eq!(errors, 1, "the corrupt ring is reported exactly once");
+    assert!(
+        !r.has_pending(),
+        "a corrupt ring never looks pending (no spin)"
+    );
 }
 
 proptest! {
