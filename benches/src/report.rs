@@ -81,15 +81,7 @@ pub fn headline(r: &CaseResult) -> String {
 
 /// Nanoseconds with a unit: "70 ns", "7.0 us", "1.25 ms".
 pub fn fmt_ns(ns: f64) -> String {
-    if ns < 1_000.0 {
-        format!("{ns:.0} ns")
-    } else if ns < 100_000.0 {
-        format!("{:.1} us", ns / 1e3)
-    } else if ns < 1_000_000.0 {
-        format!("{:.0} us", ns / 1e3)
-    } else {
-        format!("{:.2} ms", ns / 1e6)
-    }
+    bus_client::latency::format_ns(ns)
 }
 
 /// Messages per second with a unit: "0.72 M", "120 M".

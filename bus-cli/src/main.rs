@@ -4,6 +4,7 @@
 //! 2 a usage error (clap's own).
 #![deny(unsafe_code)]
 
+#[cfg(feature = "bench")]
 mod bench;
 mod demo;
 mod pubsub;
@@ -48,7 +49,17 @@ enum Command {
     /// Show the broker's topics, publishers and subscribers.
     Stat(stat::StatArgs),
     /// Measure latency or throughput between two processes (see also `benches`).
+    #[cfg(feature = "bench")]
     Bench(bench::BenchArgs),
+    /// Measure latency or throughput (this `bus` was built without the harness: the cargo
+    /// feature `bench`).
+    #[cfg(not(feature = "bench"))]
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Ignored: says how to get the harness.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Run a broker in this process (the same program as `bus-broker`; `bus broker --help`).
     #[command(disable_help_flag = true)]
     Broker {
@@ -61,13 +72,22 @@ enum Command {
 /// A hidden sub-command: the processes `bus demo` starts.
 type HiddenCommand = fn(&[String]) -> anyhow::Result<()>;
 
-// Counts heap allocations so that `bus bench` cases can report allocations per message.
+// Counts heap allocations so that `bus bench` cases can report allocations per message: only
+// in a `bus` built as a benchmark tool (feature `bench`).
+#[cfg(feature = "bench")]
 #[global_allocator]
 static ALLOC: benches::alloc_count::Counting = benches::alloc_count::Counting;
+
+/// What `bus bench` says in a `bus` built without the harness.
+#[cfg(not(feature = "bench"))]
+const NO_BENCH: &str = "this `bus` was built without the benchmark harness; build it with \
+    `cargo build --release -p bus-cli --features bench` (add `peers` for iceoryx2 and ZeroMQ), \
+    or run the harness itself: `cargo run --release -p benches -- report --quick`";
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
     // Benchmarks re-execute this program as their second process.
+    #[cfg(feature = "bench")]
     if argv
         .get(1)
         .is_some_and(|a| a == benches::peer::PEER_SUBCOMMAND)
@@ -105,7 +125,13 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse_from(&argv);
     let result = match cli.command {
+        #[cfg(feature = "bench")]
         Command::Bench(a) => bench::run(a),
+        #[cfg(not(feature = "bench"))]
+        Command::Bench { .. } => {
+            eprintln!("bus: error: {NO_BENCH}");
+            return ExitCode::from(2);
+        }
         Command::Demo(a) => demo::run(a),
         Command::Pub(a) => pubsub::run_pub(a),
         Command::Sub(a) => pubsub::run_sub(a),

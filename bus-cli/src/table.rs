@@ -4,7 +4,7 @@ use hdrhistogram::Histogram;
 
 /// Formats nanoseconds with a unit.
 pub fn ns(v: u64) -> String {
-    benches::report::fmt_ns(v as f64)
+    bus_client::latency::format_ns(v as f64)
 }
 
 /// Prints one row per histogram: count, p50, p90, p99, p99.9, max.

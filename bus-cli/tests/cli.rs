@@ -681,3 +681,34 @@ fn config_value_of_the_wrong_type_names_key_type_and_example() {
         "gives an example: {err}"
     );
 }
+
+/// The shipped `bus` carries no benchmark harness: `bus bench` says how to get it.
+#[cfg(not(feature = "bench"))]
+#[test]
+fn bench_without_the_harness_says_how_to_get_it() {
+    let out = Command::new(BUS)
+        .args(["bench", "latency", "--size", "64"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--features bench") && err.contains("cargo run --release -p benches"),
+        "{err}"
+    );
+}
+
+/// A `bus` built with the harness runs `bus bench`.
+#[cfg(feature = "bench")]
+#[test]
+fn bench_with_the_harness_is_there() {
+    let out = Command::new(BUS)
+        .args(["bench", "--help"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

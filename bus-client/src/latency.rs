@@ -72,3 +72,18 @@ pub fn write_interval_log<W: io::Write>(mut out: W, intervals: &[Interval<'_>]) 
     }
     Ok(())
 }
+
+/// Formats a duration in nanoseconds for people, with a unit and about three significant
+/// digits: "245 ns", "10.6 us", "320 us", "1.25 ms". The one formatter `bus` and the benchmark
+/// report share.
+pub fn format_ns(ns: f64) -> String {
+    if ns < 1_000.0 {
+        format!("{ns:.0} ns")
+    } else if ns < 100_000.0 {
+        format!("{:.1} us", ns / 1e3)
+    } else if ns < 1_000_000.0 {
+        format!("{:.0} us", ns / 1e3)
+    } else {
+        format!("{:.2} ms", ns / 1e6)
+    }
+}

@@ -126,3 +126,16 @@ fn only_the_broker_uses_io_uring() {
         );
     }
 }
+
+/// The shipped `bus` carries no benchmark harness (and so no counting allocator, and no
+/// io-uring except through the broker it embeds) unless built with its `bench` feature.
+#[test]
+fn the_bus_command_carries_no_benchmark_harness() {
+    let g = graph();
+    let deps = g.closure("bus-cli");
+    assert!(
+        !deps.contains("benches"),
+        "bus-cli pulls in the benchmark harness by default: keep it behind the `bench` feature"
+    );
+    assert!(deps.contains("bus-broker") && deps.contains("bus-client"));
+}
