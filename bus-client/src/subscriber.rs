@@ -674,9 +674,10 @@ impl Subscriber {
         if !self.arm() {
             return Ok(());
         }
-        let result = wait_readable(self.epoll.as_fd(), timeout);
+        // Readable or timed out: either way the caller looks at the rings again.
+        let result = bus_core::wake::wait_readable(self.epoll.as_fd(), timeout);
         self.disarm();
-        result.map_err(RecvError::Io)
+        result.map(|_| ()).map_err(RecvError::Io)
     }
 
     /// For poll/epoll/io_uring users: call after [`Subscriber::try_recv`] returned
@@ -688,31 +689,6 @@ impl Subscriber {
         let quiet = self.arm();
         self.armed = quiet;
         quiet
-    }
-}
-
-/// Blocks until `fd` is readable or `timeout` passes (EINTR retried).
-fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> std::io::Result<()> {
-    use rustix::event::{PollFd, PollFlags, Timespec, poll};
-    let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-        let ts = deadline.map(|d| {
-            let left = d.saturating_duration_since(Instant::now());
-            Timespec {
-                tv_sec: left.as_secs() as i64,
-                tv_nsec: i64::from(left.subsec_nanos()),
-            }
-        });
-        match poll(&mut fds, ts.as_ref()) {
-            Ok(_) => return Ok(()),
-            Err(rustix::io::Errno::INTR) => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(());
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
     }
 }
 
