@@ -179,19 +179,7 @@ impl Harness {
         };
         assert_eq!(g.role, RingRole::Writer);
         assert_eq!(got[0].fds.len(), 1);
-        let map = map_ring(
-            got[0].fds[0].as_fd(),
-            g.data_bytes as usize,
-            Access::ReadWrite,
-        )
-        .unwrap();
-        let cfg = RingConfig {
-            mode: g.mode,
-            data_bytes: g.data_bytes,
-            max_message_bytes: g.max_message_bytes,
-            publisher_id: g.publisher_id,
-        };
-        let writer = Writer::create(map, cfg).unwrap();
+        let writer = writer_from(&got[0].fds[0], &g);
         let got = self.frame(
             conn,
             11,
@@ -242,6 +230,19 @@ impl Harness {
         assert!(matches!(got[0].msg(), Msg::Ok), "{got:?}");
         (Arc::new(page), s.subscriber_id, got)
     }
+}
+
+/// What a publisher's client does with its RING_GRANTED (role writer): map the ring
+/// read-write and write its header.
+fn writer_from(ring: &OwnedFd, g: &bus_core::frame::RingGranted) -> Writer {
+    let map = map_ring(ring.as_fd(), g.data_bytes as usize, Access::ReadWrite).unwrap();
+    let cfg = RingConfig {
+        mode: g.mode,
+        data_bytes: g.data_bytes,
+        max_message_bytes: g.max_message_bytes,
+        publisher_id: g.publisher_id,
+    };
+    Writer::create(map, cfg).unwrap()
 }
 
 fn reader_from(grant: &Got, page: &Arc<CursorPage>) -> Reader {

@@ -638,19 +638,7 @@ fn release_before_the_pair_is_introduced_is_ignored() {
             let Msg::RingGranted(g) = got[0].msg() else {
                 panic!("{got:?}")
             };
-            let map = map_ring(
-                got[0].fds[0].as_fd(),
-                g.data_bytes as usize,
-                Access::ReadWrite,
-            )
-            .unwrap();
-            let cfg = RingConfig {
-                mode: g.mode,
-                data_bytes: g.data_bytes,
-                max_message_bytes: g.max_message_bytes,
-                publisher_id: g.publisher_id,
-            };
-            let w = Writer::create(map, cfg).unwrap();
+            let w = writer_from(&got[0].fds[0], &g);
             h.frame(
                 2,
                 41,

@@ -384,14 +384,7 @@ impl Sim {
             return;
         };
         let (fds, rg) = p.pending.take().unwrap();
-        let map = map_ring(fds[0].as_fd(), rg.data_bytes as usize, Access::ReadWrite).unwrap();
-        let cfg = RingConfig {
-            mode: rg.mode,
-            data_bytes: rg.data_bytes,
-            max_message_bytes: rg.max_message_bytes,
-            publisher_id: rg.publisher_id,
-        };
-        p.writer = Some(Writer::create(map, cfg).unwrap());
+        p.writer = Some(writer_from(&fds[0], &rg));
         let id = p.id;
         self.frame(conn, Msg::PublisherReady { publisher_id: id });
         if let Some(p) = self
