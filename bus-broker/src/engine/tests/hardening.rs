@@ -31,6 +31,12 @@ fn dg_subscribe(h: &mut Harness, conn: ConnId, topic: &str) -> Vec<Got> {
     )
 }
 
+/// Whether `got` holds an EVICTED for subscriber `sid`, sent to its connection `conn`.
+fn evicted(got: &[Got], conn: ConnId, sid: u64) -> bool {
+    got.iter()
+        .any(|g| g.conn == conn && matches!(g.msg(), Msg::Evicted(e) if e.subscriber_id == sid))
+}
+
 fn own_policy() -> Policy {
     Policy::default_for(own_uid())
 }
@@ -397,11 +403,7 @@ fn slot_of_a_departed_reliable_publisher_waits_for_its_readers() {
     h.now += Duration::from_millis(150);
     h.e.on_tick(h.now);
     let got = create(&mut h, 1, "hold", 0, Transport::Shm);
-    assert!(
-        got.iter()
-            .any(|g| g.conn == 3 && matches!(g.msg(), Msg::Evicted(e) if e.subscriber_id == sid3)),
-        "{got:?}"
-    );
+    assert!(evicted(&got, 3, sid3), "{got:?}");
     assert!(
         got.iter().any(|g| matches!(g.msg(), Msg::RingGranted(_))),
         "{got:?}"
@@ -501,11 +503,7 @@ fn stall_check_wakes_before_it_judges() {
     ticks(&mut h, 3);
     let got = h.drain();
     assert_eq!(h.wakes.len(), 2);
-    assert!(
-        got.iter()
-            .any(|g| matches!(g.msg(), Msg::Evicted(e) if e.subscriber_id == sid)),
-        "{got:?}"
-    );
+    assert!(evicted(&got, 2, sid), "{got:?}");
 }
 
 /// Item 5: every datagram subscription cost the broker 4 descriptors with no bound; one
@@ -666,8 +664,7 @@ fn release_before_the_pair_is_introduced_is_ignored() {
         ticks(&mut h, 3);
         let got = h.drain();
         assert!(
-            got.iter()
-                .any(|g| matches!(g.msg(), Msg::Evicted(e) if e.subscriber_id == sid)),
+            evicted(&got, 2, sid),
             "{pending} pending: the staller is judged: {got:?}"
         );
     }
