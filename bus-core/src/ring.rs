@@ -608,6 +608,9 @@ pub struct Writer {
     /// Record timestamps (CLOCK_MONOTONIC, extrapolated with the TSC between exact reads).
     clock: StampClock,
     stats: WriterStats,
+    /// With [`Writer::defer_wakes`]: subscribers due a wakeup, for the owner to send (the
+    /// broker's relay does no I/O itself; its driver sends them).
+    due_wakes: Option<Vec<u64>>,
 }
 
 impl core::fmt::Debug for Writer {
@@ -665,6 +668,7 @@ impl Writer {
             parking_readers: 0,
             clock: StampClock::new(),
             stats: WriterStats::default(),
+            due_wakes: None,
             map,
             cfg,
         };
@@ -1033,7 +1037,10 @@ impl Writer {
             let park = r.cursor.park();
             if protocol::needs_wake(park, r.last_woken) {
                 r.last_woken = park;
-                if let Some(w) = &r.wake
+                if let Some(due) = &mut self.due_wakes {
+                    due.push(r.cursor.subscriber_id());
+                    self.stats.wakes_sent += 1;
+                } else if let Some(w) = &r.wake
                     && w.wake() != WakeOutcome::Gone
                 {
                     self.stats.wakes_sent += 1;
@@ -1042,8 +1049,25 @@ impl Writer {
         }
     }
 
+    /// From now on this writer sends no wake datagram itself: the subscribers a commit or
+    /// [`Writer::close`] must wake are collected instead, for [`Writer::take_due_wakes`]. For an
+    /// owner that does no I/O of its own (the broker's engine, whose driver sends them); the
+    /// wake senders given to `add_reader` are then not used.
+    pub fn defer_wakes(&mut self) {
+        self.due_wakes.get_or_insert_with(Vec::new);
+    }
+
+    /// Moves the subscriber ids due a wakeup (see [`Writer::defer_wakes`]) into `out`, in the
+    /// order they became due; a subscriber appears at most once per park (a close wakes every
+    /// reader once more).
+    pub fn take_due_wakes(&mut self, out: &mut Vec<u64>) {
+        if let Some(due) = &mut self.due_wakes {
+            out.append(due);
+        }
+    }
+
     /// Marks the ring closed: readers drain what is left and then see [`Reader::is_finished`].
-    pub fn close(&self) {
+    pub fn close(&mut self) {
         // SAFETY: CLOSED_OFF is 4-aligned inside the header page.
         let closed = unsafe { atomic_u32(self.map.header_ptr(), CLOSED_OFF) };
         self.header_u64(END_SEQ_OFF)
@@ -1052,7 +1076,9 @@ impl Writer {
         closed.store(1, Ordering::Release);
         protocol::publisher_fence();
         for r in &self.readers {
-            if let Some(w) = &r.wake {
+            if let Some(due) = &mut self.due_wakes {
+                due.push(r.cursor.subscriber_id());
+            } else if let Some(w) = &r.wake {
                 let _ = w.wake();
             }
         }

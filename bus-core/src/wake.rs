@@ -652,6 +652,18 @@ impl WakeSender {
 }
 
 #[cfg(not(loom))]
+/// Discards every wake datagram queued on the receive end `fd`, without blocking. Returns how
+/// many there were. (For an owner that watches the fd itself, such as the broker's driver.)
+pub fn drain(fd: BorrowedFd<'_>) -> usize {
+    use rustix::net::{RecvFlags, recv};
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while recv(fd, &mut buf[..], RecvFlags::DONTWAIT).is_ok() {
+        n += 1;
+    }
+    n
+}
+
 impl WakeReceiver {
     /// Wraps a received fd (the broker's SUBSCRIBED). It is switched to blocking mode (every
     /// non-blocking use passes MSG_DONTWAIT; poll, epoll and async runtimes work either way).
@@ -662,13 +674,7 @@ impl WakeReceiver {
 
     /// Discards all pending wake bytes. Returns how many there were.
     pub fn drain(&self) -> usize {
-        use rustix::net::{RecvFlags, recv};
-        let mut buf = [0u8; 64];
-        let mut n = 0;
-        while recv(&self.fd, &mut buf[..], RecvFlags::DONTWAIT).is_ok() {
-            n += 1;
-        }
-        n
+        drain(self.fd.as_fd())
     }
 
     /// Blocks until a wake byte arrives or `timeout` passes (`None`: no limit). Returns `true`

@@ -954,6 +954,11 @@ impl<R: Readiness> Core<R> {
         let Some(&token) = self.watch_serials.get(&serial) else {
             return;
         };
+        // Out::Watch: drain first, so the level-triggered watch quiets down; the engine reads
+        // no socket itself.
+        if let Some(w) = self.watches.get(&token) {
+            bus_core::wake::drain(w.fd.as_fd());
+        }
         self.engine.on_wake(token);
         self.dispatch();
         if let Some(fd) = self.watch_fd(serial) {

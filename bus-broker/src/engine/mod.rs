@@ -58,7 +58,7 @@ use bus_core::segment::{
     Access, create_cursor_page, create_ring, map_cursor_page, map_ring, seal_read_only,
 };
 use bus_core::sys::scm::FdBatch;
-use bus_core::wake::{WakeReceiver, WakeSender, protocol};
+use bus_core::wake::protocol;
 
 use crate::config::TopicDecl;
 use crate::policy::{Op, Policy};
@@ -96,7 +96,10 @@ pub enum Out {
         /// Which.
         conn: ConnId,
     },
-    /// Report readability of `fd` with [`Engine::on_wake`]`(token)` (level-triggered).
+    /// Watch `fd` (the receive end of a datagram subscriber's wake socket, which the engine
+    /// hands over): when it is readable, drain it (read every queued datagram, without
+    /// blocking) and then report it with [`Engine::on_wake`]`(token)`. Close it at
+    /// [`Out::Unwatch`].
     Watch {
         /// Token to report.
         token: u64,
@@ -306,7 +309,6 @@ struct Stall {
 struct Fallback {
     page: Arc<CursorPage>,
     readers: ReaderSet,
-    wake: WakeReceiver,
     token: u64,
     delivered: u64,
     lost: u64,
@@ -442,11 +444,11 @@ fn memfd_name(topic: &str, suffix: std::fmt::Arguments<'_>) -> String {
 }
 
 /// Descriptors the broker holds for a subscriber: cursor page and wake send end; for datagram
-/// delivery also the wake receive end and the copy the driver watches.
+/// delivery also the wake receive end (which the driver watches).
 fn subscriber_fds(delivery: Transport) -> u32 {
     match delivery {
         Transport::Shm => 2,
-        _ => 4,
+        _ => 3,
     }
 }
 
@@ -666,7 +668,6 @@ impl Engine {
                 .get_mut(&sid)
                 .and_then(|s| s.fallback.as_mut())
             {
-                fb.wake.drain();
                 protocol::unpark(fb.page.park_word());
             }
             self.pump_fallback(sid);

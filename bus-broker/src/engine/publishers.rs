@@ -104,6 +104,9 @@ impl Engine {
                         format!("cannot set up the relay ring: {e}"),
                     )
                 })?;
+            // Wakeups become actions for the driver (`relay::wake_due`).
+            let mut writer = writer;
+            writer.defer_wakes();
             p.writer = Some(writer);
         }
         let topic = self.topics.get_mut(&tid).expect("exists");
@@ -246,11 +249,10 @@ impl Engine {
             let view = map_cursor_page(&*cursor_fd, Access::ReadOnly)
                 .map_err(|e| e.to_string())
                 .and_then(|m| CursorView::attach(m, sid).map_err(|e| e.to_string()));
-            // The broker's own relay (a datagram subscriber) is pumped directly after each
-            // PUBLISH (`pump_relays`): it needs no wake datagram from the broker to itself. A
-            // shared-memory subscriber is woken through the broker's own copy of its wake
-            // socket: no descriptor per (relay, subscriber) pair.
-            let wake = (delivery != Transport::Datagram).then(|| WakeSender::from_shared(wake_tx));
+            // The relay writer defers its wakeups (`Writer::defer_wakes`): the engine turns
+            // them into `Out::Wake` on the subscriber's wake socket (shared memory) or pumps
+            // the subscriber itself (datagram), so it hands the writer no wake sender.
+            let wake = None;
             match view {
                 Ok(view) => {
                     let w = self
@@ -392,9 +394,10 @@ impl Engine {
         let Some(mut p) = self.publishers.remove(&pid) else {
             return;
         };
-        if let Some(w) = p.writer.take() {
+        if let Some(mut w) = p.writer.take() {
             // Datagram publisher: its ring is drained by subscribers like any other.
             w.close();
+            relay::wake_due(&mut w, &self.subscribers, &mut self.out);
         }
         self.refund_fds(p.conn, p.fds);
         if let Some(c) = self.clients.get_mut(&p.conn) {

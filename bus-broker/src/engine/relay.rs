@@ -4,6 +4,27 @@
 
 use super::*;
 
+/// Turns the wakeups a relay writer collected ([`Writer::defer_wakes`]) into [`Out::Wake`]
+/// actions for its shared-memory subscribers. Datagram subscribers need none: the engine pumps
+/// them itself after every write into their topic.
+pub(super) fn wake_due(
+    w: &mut Writer,
+    subscribers: &BTreeMap<u64, Subscriber>,
+    out: &mut VecDeque<Out>,
+) {
+    let mut due = Vec::new();
+    w.take_due_wakes(&mut due);
+    for sid in due {
+        if let Some(s) = subscribers.get(&sid)
+            && s.delivery == Transport::Shm
+        {
+            out.push_back(Out::Wake {
+                fd: s.wake_tx.clone(),
+            });
+        }
+    }
+}
+
 impl Engine {
     pub(super) fn publish(&mut self, conn: ConnId, pid: u64, payload: &[u8]) -> Result<(), Reject> {
         self.own_publisher(conn, pid)?;
@@ -45,6 +66,7 @@ impl Engine {
         }
         let (topic, conn) = (p.topic, p.conn);
         if p.backlog.is_empty() && w.try_publish(payload).is_ok() {
+            wake_due(w, &self.subscribers, &mut self.out);
             self.pump_relays(topic);
             return Ok(());
         }
@@ -109,6 +131,7 @@ impl Engine {
             p.backlog.pop_front();
             moved = true;
         }
+        wake_due(w, &self.subscribers, &mut self.out);
         let empty = p.backlog.is_empty();
         let closing = p.closing.filter(|_| empty);
         if moved {

@@ -72,21 +72,16 @@ impl Engine {
                 .and_then(|m| CursorPage::init(m, sid).map_err(|e| e.to_string()))
                 .map_err(|e| internal(format!("cannot set up the relay cursor page: {e}")))?;
             let token = self.alloc_id();
-            let rx_fd: OwnedFd = rx.into();
-            let rx_dup = rustix::io::fcntl_dupfd_cloexec(&rx_fd, 0).map_err(|e| {
-                let out = matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE);
-                segment_error("wake socket copy", e, out)
-            })?;
-            let wake = WakeReceiver::from_fd(rx_fd).map_err(|e| internal(e.to_string()))?;
+            // The driver watches the receive end and drains it before it reports the wakeup
+            // (`Out::Watch`): the engine itself never reads a socket.
             self.tokens.insert(token, sid);
             self.out.push_back(Out::Watch {
                 token,
-                fd: Arc::new(rx_dup),
+                fd: Arc::new(rx.into()),
             });
             s.fallback = Some(Fallback {
                 page: Arc::new(page),
                 readers: ReaderSet::new(),
-                wake,
                 token,
                 delivered: 0,
                 lost: 0,

@@ -135,13 +135,13 @@ fn huge_ring_sizes_are_too_large_and_leave_no_topic() {
 #[test]
 fn refused_creations_leave_no_empty_topic() {
     let limits = Limits {
-        max_fds_per_client: 8,
+        max_fds_per_client: 2 * crate::engine::subscriber_fds(Transport::Datagram),
         max_publishers_per_topic: 1,
         ..Limits::default()
     };
     let mut h = Harness::with(limits, own_policy());
     h.connect(1);
-    // Two datagram subscriptions use this client's 8 descriptors: the third is refused.
+    // Two datagram subscriptions use all of this client's descriptors: the third is refused.
     for t in ["a", "b"] {
         let got = dg_subscribe(&mut h, 1, t);
         assert!(matches!(got[0].msg(), Msg::Subscribed(_)), "{got:?}");
@@ -512,19 +512,23 @@ fn stall_check_wakes_before_it_judges() {
 /// descriptors come back when the client goes.
 #[test]
 fn descriptor_quota_and_budget() {
+    // A datagram subscriber costs the broker its cursor page and both wake socket ends.
+    let per32 = crate::engine::subscriber_fds(Transport::Datagram);
+    assert_eq!(per32, 3);
+    let per = u64::from(per32);
     let limits = Limits {
-        max_fds_per_client: 16,
+        max_fds_per_client: 4 * per32,
         ..Limits::default()
     };
     let mut h = Harness::with(limits, own_policy());
-    h.e.set_fd_budget(28);
+    h.e.set_fd_budget(7 * per);
     h.connect(1);
     h.connect(2);
     for i in 0..4 {
         let got = dg_subscribe(&mut h, 1, &format!("q{i}"));
         assert!(matches!(got[0].msg(), Msg::Subscribed(_)), "{got:?}");
     }
-    assert_eq!(h.e.fds_in_use(), 16);
+    assert_eq!(h.e.fds_in_use(), 4 * per);
     let got = dg_subscribe(&mut h, 1, "q4");
     assert_eq!(error_code(&got[0]), ErrorCode::LimitReached);
     assert!(
@@ -546,11 +550,11 @@ fn descriptor_quota_and_budget() {
     );
     h.e.on_disconnect(1);
     h.drain();
-    assert_eq!(h.e.fds_in_use(), 12, "the hog's descriptors are back");
+    assert_eq!(h.e.fds_in_use(), 3 * per, "the hog's descriptors are back");
     let got = dg_subscribe(&mut h, 2, "r3");
     assert!(matches!(got[0].msg(), Msg::Subscribed(_)), "{got:?}");
-    // A datagram publisher's relay wakes shared-memory subscribers through the broker's own
-    // copy of their wake socket: subscribers joining cost the publisher's client nothing (it
+    // A datagram publisher's relay wakes shared-memory subscribers through `Out::Wake` on the
+    // broker's own copy of their wake socket: subscribers joining cost the publisher's client nothing (it
     // used to be charged a descriptor per subscriber, so a few subscribers locked datagram
     // publishers out of a topic).
     h.e.on_disconnect(2);
