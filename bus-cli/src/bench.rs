@@ -61,9 +61,9 @@ pub struct BenchArgs {
     /// `bus`) instead of over bus-core rings alone.
     #[arg(long)]
     client: bool,
-    /// Go through the broker's datagram fallback instead of shared memory.
-    #[arg(long)]
-    fallback: bool,
+    /// Go through the broker's datagram transport instead of shared memory.
+    #[arg(long, alias = "fallback")]
+    datagram: bool,
     /// Measure a peer library instead of membus (latency only).
     #[arg(long, value_enum)]
     peer: Option<PeerArg>,
@@ -82,14 +82,14 @@ pub struct BenchArgs {
 /// size is then refused unless it matches).
 fn prefix(a: &BenchArgs) -> Result<(&'static str, bool)> {
     use WaitArg::{Hybrid, Park, Spin};
-    let flags = usize::from(a.client) + usize::from(a.fallback) + usize::from(a.peer.is_some());
+    let flags = usize::from(a.client) + usize::from(a.datagram) + usize::from(a.peer.is_some());
     if flags > 1 {
-        bail!("choose one of --client, --fallback and --peer");
+        bail!("choose one of --client, --datagram and --peer");
     }
-    Ok(match (a.what, a.wait, a.fallback, a.peer, a.client) {
+    Ok(match (a.what, a.wait, a.datagram, a.peer, a.client) {
         (What::Latency, _, true, ..) => ("fallback-pingpong-", true),
         (What::Throughput, _, true, ..) => ("fallback-stream-", true),
-        (What::Fanout, _, true, ..) => bail!("the fallback has no fan-out benchmark"),
+        (What::Fanout, _, true, ..) => bail!("the datagram transport has no fan-out benchmark"),
         (What::Latency, Spin, _, Some(PeerArg::Iceoryx2), _) => ("iceoryx2-pingpong-", false),
         (What::Latency, Park, _, Some(PeerArg::Iceoryx2), _) => ("iceoryx2-event-", true),
         (What::Latency, Spin, _, Some(PeerArg::Zmq), _) => ("zmq-ipc-spin-", true),
@@ -264,7 +264,7 @@ mod tests {
             count: None,
             wait,
             client: false,
-            fallback: false,
+            datagram: false,
             peer: None,
             unpinned: false,
             json: false,
@@ -297,7 +297,7 @@ mod tests {
         };
         assert_eq!(name(client).unwrap(), "membus-client-pingpong-4k");
         let fallback = BenchArgs {
-            fallback: true,
+            datagram: true,
             ..args(What::Latency, 64, WaitArg::Spin)
         };
         assert_eq!(name(fallback).unwrap(), "fallback-pingpong-64");
@@ -318,7 +318,7 @@ mod tests {
         assert!(err(args(What::Throughput, 64, WaitArg::Park)).contains("busy-polls"));
         let both = BenchArgs {
             client: true,
-            fallback: true,
+            datagram: true,
             ..args(What::Latency, 64, WaitArg::Spin)
         };
         assert!(err(both).contains("choose one of"));

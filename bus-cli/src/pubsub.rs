@@ -8,7 +8,7 @@ use bus_client::{
     Bus, BusOptions, ModeRequest, PublishError, Publisher, RecvError, SubscriberOptions,
     TopicOptions, Transport, WaitStrategy,
 };
-use bus_core::frame::MAX_FALLBACK_MESSAGE_BYTES;
+use bus_core::frame::MAX_DATAGRAM_MESSAGE_BYTES;
 use bus_core::limits::MAX_FRAME_BYTES;
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -61,9 +61,10 @@ pub struct ConnArgs {
     /// Broker socket (PATH or @NAME); default: $MEMBUS_SOCKET, then the per-user default.
     #[arg(long, global = true)]
     pub socket: Option<String>,
-    /// Use the datagram fallback instead of shared memory.
-    #[arg(long, global = true)]
-    pub fallback: bool,
+    /// Use the datagram transport instead of shared memory (one message per datagram through
+    /// the broker: the fallback for clients that cannot map shared memory).
+    #[arg(long, global = true, alias = "fallback")]
+    pub datagram: bool,
 }
 
 impl ConnArgs {
@@ -71,7 +72,7 @@ impl ConnArgs {
     pub fn connect(&self, name: &str) -> Result<Bus> {
         let opts = BusOptions::new()
             .client_name(name)
-            .transport(if self.fallback {
+            .transport(if self.datagram {
                 Transport::Datagram
             } else {
                 Transport::Auto
@@ -138,13 +139,13 @@ fn publish_failed<T>(e: PublishError<T>, publisher: &Publisher) -> anyhow::Error
         // A datagram publisher is capped by what one DELIVER frame carries, whatever the topic
         // allows: raising the topic's max_message_bytes cannot help, shared memory can.
         PublishError::TooLarge { len, max }
-            if !publisher.is_shared_memory() && max >= MAX_FALLBACK_MESSAGE_BYTES =>
+            if !publisher.is_shared_memory() && max >= MAX_DATAGRAM_MESSAGE_BYTES =>
         {
             anyhow::anyhow!(
                 "publish failed: the message is {len} bytes, and the datagram fallback carries at \
-                 most {MAX_FALLBACK_MESSAGE_BYTES} bytes per message (one frame of at most \
+                 most {MAX_DATAGRAM_MESSAGE_BYTES} bytes per message (one frame of at most \
                  {MAX_FRAME_BYTES} bytes); no max_message_bytes setting changes that: publish \
-                 through shared memory (without --fallback) to send larger messages, or split \
+                 through shared memory (without --datagram) to send larger messages, or split \
                  them"
             )
         }

@@ -179,7 +179,7 @@ impl Bus {
             Msg::Welcome(w) => {
                 *lock(&shared.welcome) = Some(Welcome {
                     client_id: w.client_id,
-                    max_fallback_message_bytes: w.max_fallback_message_bytes,
+                    max_datagram_message_bytes: w.max_datagram_message_bytes,
                     broker_version: w.broker_version.to_owned(),
                 });
             }

@@ -273,7 +273,7 @@ struct Route {
 #[derive(Clone, Debug)]
 pub(crate) struct Welcome {
     pub client_id: u64,
-    pub max_fallback_message_bytes: u32,
+    pub max_datagram_message_bytes: u32,
     pub broker_version: String,
 }
 

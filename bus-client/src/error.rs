@@ -324,7 +324,7 @@ fn skip_reason_text(reason: SkipReason) -> String {
         SkipReason::TooLarge => format!(
             "it is larger than a datagram delivery carries ({} bytes); subscribe through \
              shared memory to receive such messages",
-            bus_core::frame::MAX_FALLBACK_MESSAGE_BYTES
+            bus_core::frame::MAX_DATAGRAM_MESSAGE_BYTES
         ),
         SkipReason::Overwritten => {
             "lossy topic: the publisher overwrote it while the broker copied it".to_owned()

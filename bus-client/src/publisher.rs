@@ -121,7 +121,7 @@ impl Publisher {
     ) -> Publisher {
         let mut max = grant.max_message_bytes as usize;
         if let PubKind::Datagram(_) = kind {
-            max = max.min(client.welcome().max_fallback_message_bytes as usize);
+            max = max.min(client.welcome().max_datagram_message_bytes as usize);
         }
         Publisher {
             // Never equal to a real generation: the first look applies whatever the control
@@ -238,7 +238,7 @@ impl Publisher {
             }))
             .map_err(request_error)?;
         let grant = match reply.msg() {
-            Msg::RingGranted(g) if g.role == RingRole::Fallback => g,
+            Msg::RingGranted(g) if g.role == RingRole::Datagram => g,
             msg => return Err(unexpected(msg, "RING_GRANTED (fallback)")),
         };
         shared.register(
@@ -559,7 +559,7 @@ pub(crate) fn unexpected(msg: Msg<'_>, expected: &str) -> SubscribeError {
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        if let PubKind::Shm(w) = &self.kind {
+        if let PubKind::Shm(w) = &mut self.kind {
             // Subscribers drain what is left, then see the ring finished.
             w.close();
         }

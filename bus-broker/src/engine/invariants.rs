@@ -3,7 +3,7 @@
 //! simulation test after every step (`tests/sim.rs`) and by the unit tests; cheap enough for
 //! tests, too slow (a walk over everything) for the event loop.
 
-use super::{Engine, FALLBACK_BACKLOG_LIMIT, Life, Slot, Transport, subscriber_fds};
+use super::{DATAGRAM_BACKLOG_LIMIT, Engine, Life, Slot, Transport, subscriber_fds};
 
 impl Engine {
     /// Checks every invariant of the engine's state; the first one broken is the error.
@@ -120,7 +120,7 @@ impl Engine {
                 );
             }
             ensure!(
-                p.backlog.len() <= FALLBACK_BACKLOG_LIMIT,
+                p.backlog.len() <= DATAGRAM_BACKLOG_LIMIT,
                 "publisher {pid} has {} messages waiting",
                 p.backlog.len()
             );
@@ -160,10 +160,10 @@ impl Engine {
                 s.conn
             );
             ensure!(
-                (s.delivery == Transport::Datagram) == s.fallback.is_some(),
+                (s.delivery == Transport::Datagram) == s.datagram.is_some(),
                 "subscriber {sid}: relay state does not match its delivery"
             );
-            if let Some(fb) = &s.fallback {
+            if let Some(fb) = &s.datagram {
                 ensure!(
                     self.tokens.get(&fb.token) == Some(&sid),
                     "datagram subscriber {sid}'s wake token is not mapped to it"
@@ -180,7 +180,7 @@ impl Engine {
             ensure!(
                 self.subscribers
                     .get(sid)
-                    .and_then(|s| s.fallback.as_ref())
+                    .and_then(|s| s.datagram.as_ref())
                     .is_some_and(|fb| fb.token == token),
                 "wake token {token} maps to {sid}, which does not own it"
             );

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use bus_core::frame::{
     CreatePublisher, CursorGranted, DecodeError, Deliver, ErrorCode, ErrorReply, EvictReason,
-    Evicted, Frame, Header, MAX_FALLBACK_MESSAGE_BYTES, ModeRequest, Msg, PROTOCOL_VERSION,
+    Evicted, Frame, Header, MAX_DATAGRAM_MESSAGE_BYTES, ModeRequest, Msg, PROTOCOL_VERSION,
     PeerGone, PeerGoneReason, PeerKind, RingGranted, RingRole, Shutdown, ShutdownReason,
     SkipReason, Skipped, Subscribe, Subscribed, Transport, Welcome,
 };
@@ -112,7 +112,7 @@ pub enum Out {
         token: u64,
     },
     /// Stop reading frames from `conn` until [`Out::ResumeReads`]: a datagram publisher on it
-    /// has [`FALLBACK_BACKLOG`] messages waiting for ring space. Its further PUBLISHes wait in
+    /// has [`DATAGRAM_BACKLOG`] messages waiting for ring space. Its further PUBLISHes wait in
     /// its socket (and then in its own `send`): ordinary socket back-pressure instead of one
     /// `too-slow` ERROR per message.
     PauseReads {
@@ -150,10 +150,10 @@ enum Half {
 const DELIVER_CREDIT: u32 = 64;
 /// Messages a datagram publisher may have waiting for ring space before the broker stops reading
 /// its connection ([`Out::PauseReads`]).
-pub const FALLBACK_BACKLOG: usize = 256;
+pub const DATAGRAM_BACKLOG: usize = 256;
 /// Messages that may wait before a PUBLISH is refused with `too-slow`: only reached by a driver
 /// that keeps handing over frames after [`Out::PauseReads`] (both drivers stop at once).
-const FALLBACK_BACKLOG_LIMIT: usize = 2 * FALLBACK_BACKLOG;
+const DATAGRAM_BACKLOG_LIMIT: usize = 2 * DATAGRAM_BACKLOG;
 /// How often stalled reliable subscribers are looked for (at most once a second: an idle
 /// broker must not wake more often).
 const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -163,7 +163,7 @@ const SPARE_FRAMES: usize = 256;
 /// Only buffers up to this capacity are kept (the pool stays within 1 MiB); DELIVERs of larger
 /// messages allocate, which their copy dwarfs anyway.
 const SPARE_FRAME_BYTES: usize = 4096;
-/// Most ring records (delivered or skipped) one call of `pump_fallback` handles: the loop's
+/// Most ring records (delivered or skipped) one call of `pump_datagram` handles: the loop's
 /// turn is bounded whatever a ring holds.
 const RELAY_STEPS: usize = 1024;
 /// How soon a datagram publisher's backlog is retried.
@@ -306,7 +306,7 @@ struct Stall {
     attached: bool,
 }
 
-struct Fallback {
+struct DatagramSub {
     page: Arc<CursorPage>,
     readers: ReaderSet,
     token: u64,
@@ -351,7 +351,7 @@ struct Subscriber {
     /// The broker's read-only view of the cursor page, once live.
     view: Option<CursorView>,
     /// Datagram subscribers: the broker reads the rings for it.
-    fallback: Option<Fallback>,
+    datagram: Option<DatagramSub>,
     /// Stall tracking per publisher id.
     stall: BTreeMap<u64, Stall>,
     /// When it became live, in the engine's event order.
@@ -387,7 +387,7 @@ pub struct Engine {
     spare_frames: Vec<Vec<u8>>,
     /// Topics with datagram-published messages not yet pumped to their datagram subscribers
     /// ([`Engine::flush_relays`]).
-    dirty_relays: Vec<u64>,
+    written_topics: Vec<u64>,
     /// Connections in the order they arrived, with their HELLO deadline. Deadlines grow in
     /// this order (one fixed timeout), so the front is the next to expire; entries of clients
     /// that said HELLO or left are skipped and dropped lazily. Keeps `next_deadline` O(1)
@@ -532,7 +532,7 @@ impl Engine {
             scratch: Vec::with_capacity(MAX_FRAME_BYTES),
             live_clock: 0,
             spare_frames: Vec::new(),
-            dirty_relays: Vec::new(),
+            written_topics: Vec::new(),
             hello_deadlines: VecDeque::new(),
             keep_topic: None,
             pump_again: Vec::new(),
@@ -642,7 +642,7 @@ impl Engine {
         let mut i = 0;
         while let Some(&sid) = self.clients.get(&conn).and_then(|c| c.subscribers.get(i)) {
             i += 1;
-            self.pump_fallback(sid);
+            self.pump_datagram(sid);
             // The relay moved its cursor: space for the broker's own writers on that topic.
             if let Some(tid) = self.subscribers.get(&sid).map(|s| s.topic) {
                 self.flush_topic_backlogs(tid);
@@ -666,11 +666,11 @@ impl Engine {
             if let Some(fb) = self
                 .subscribers
                 .get_mut(&sid)
-                .and_then(|s| s.fallback.as_mut())
+                .and_then(|s| s.datagram.as_mut())
             {
                 protocol::unpark(fb.page.park_word());
             }
-            self.pump_fallback(sid);
+            self.pump_datagram(sid);
         }
     }
 
@@ -717,15 +717,15 @@ impl Engine {
                 None => self.next_stall_check = Some(now + STALL_CHECK_EVERY),
             }
         }
-        let fallback_subs: Vec<u64> = self
+        let datagram_subs: Vec<u64> = self
             .subscribers
             .values()
-            .filter(|s| s.fallback.is_some())
+            .filter(|s| s.datagram.is_some())
             .map(|s| s.id)
             .collect();
         self.pump_again.clear();
-        for sid in fallback_subs {
-            self.pump_fallback(sid);
+        for sid in datagram_subs {
+            self.pump_datagram(sid);
         }
         self.flush_relays();
     }

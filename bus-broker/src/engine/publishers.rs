@@ -72,7 +72,7 @@ impl Engine {
             role: if req.transport == Transport::Shm {
                 RingRole::Writer
             } else {
-                RingRole::Fallback
+                RingRole::Datagram
             },
             mode,
             slot: slot as u16,
@@ -80,7 +80,7 @@ impl Engine {
             max_message_bytes: if req.transport == Transport::Shm {
                 max_msg
             } else {
-                max_msg.min(MAX_FALLBACK_MESSAGE_BYTES as u32)
+                max_msg.min(MAX_DATAGRAM_MESSAGE_BYTES as u32)
             },
             topic_id: tid,
             publisher_id: pid,
@@ -299,7 +299,7 @@ impl Engine {
                 .map_err(|e| e.to_string())
                 .and_then(|m| {
                     let fb = self.subscribers[&sid]
-                        .fallback
+                        .datagram
                         .as_ref()
                         .expect("datagram subscriber");
                     let start = if from_start {
@@ -315,7 +315,7 @@ impl Engine {
                     let fb = self
                         .subscribers
                         .get_mut(&sid)
-                        .and_then(|s| s.fallback.as_mut())
+                        .and_then(|s| s.datagram.as_mut())
                         .expect("datagram");
                     fb.readers.insert(reader);
                 }
@@ -475,11 +475,11 @@ impl Engine {
                 } else if let Some(fb) = self
                     .subscribers
                     .get_mut(&sid)
-                    .and_then(|s| s.fallback.as_mut())
+                    .and_then(|s| s.datagram.as_mut())
                 {
                     // Datagram subscribers read what the publisher left, then drop the ring.
                     fb.gone.push(pid);
-                    self.pump_fallback(sid);
+                    self.pump_datagram(sid);
                 }
             }
         }

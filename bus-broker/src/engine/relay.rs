@@ -46,11 +46,11 @@ impl Engine {
         let topic_max = w.config().max_message_bytes as usize;
         // What a datagram publisher sends must reach datagram subscribers too: nothing larger
         // than a DELIVER can carry is accepted (shared-memory publishers can send more).
-        let max = topic_max.min(MAX_FALLBACK_MESSAGE_BYTES);
+        let max = topic_max.min(MAX_DATAGRAM_MESSAGE_BYTES);
         if payload.len() > max {
             let why = if max < topic_max {
                 format!(
-                    "the datagram fallback carries at most {MAX_FALLBACK_MESSAGE_BYTES} bytes per \
+                    "the datagram fallback carries at most {MAX_DATAGRAM_MESSAGE_BYTES} bytes per \
                      message (one DELIVER datagram); publish it through shared memory, or split it"
                 )
             } else {
@@ -67,10 +67,10 @@ impl Engine {
         let (topic, conn) = (p.topic, p.conn);
         if p.backlog.is_empty() && w.try_publish(payload).is_ok() {
             wake_due(w, &self.subscribers, &mut self.out);
-            self.pump_relays(topic);
+            self.mark_written(topic);
             return Ok(());
         }
-        if p.backlog.len() >= FALLBACK_BACKLOG_LIMIT {
+        if p.backlog.len() >= DATAGRAM_BACKLOG_LIMIT {
             p.refused += 1;
             return Err(reject(
                 ErrorCode::TooSlow,
@@ -82,7 +82,7 @@ impl Engine {
             ));
         }
         p.backlog.push_back(payload.to_vec());
-        if p.backlog.len() >= FALLBACK_BACKLOG {
+        if p.backlog.len() >= DATAGRAM_BACKLOG {
             self.pause_reads(conn);
         }
         Ok(())
@@ -135,7 +135,7 @@ impl Engine {
         let empty = p.backlog.is_empty();
         let closing = p.closing.filter(|_| empty);
         if moved {
-            self.pump_relays(topic);
+            self.mark_written(topic);
         }
         if let Some(Closing { reply, reason }) = closing {
             // Everything it had accepted is in the ring: now it goes.
@@ -170,9 +170,9 @@ impl Engine {
     /// read in one go becomes one burst of DELIVERs (the subscriber is woken once, the driver
     /// can send them in one `sendmmsg`). The broker does not wake its own relay through a wake
     /// socket (that was a `sendto`, a poll completion and two `recvfrom` per message).
-    pub(super) fn pump_relays(&mut self, tid: u64) {
-        if !self.dirty_relays.contains(&tid) {
-            self.dirty_relays.push(tid);
+    pub(super) fn mark_written(&mut self, tid: u64) {
+        if !self.written_topics.contains(&tid) {
+            self.written_topics.push(tid);
         }
     }
 
@@ -180,12 +180,12 @@ impl Engine {
     /// call. The driver calls it after each batch of [`Engine::on_frame`] calls (one readable
     /// connection drained); the other events call it themselves.
     pub fn flush_relays(&mut self) {
-        while let Some(tid) = self.dirty_relays.pop() {
-            self.pump_relays_now(tid);
+        while let Some(tid) = self.written_topics.pop() {
+            self.pump_datagram_subscribers(tid);
         }
     }
 
-    pub(super) fn pump_relays_now(&mut self, tid: u64) {
+    pub(super) fn pump_datagram_subscribers(&mut self, tid: u64) {
         // By index, without cloning the list: pumping never adds or removes subscribers.
         let mut i = 0;
         while let Some(&sid) = self.topics.get(&tid).and_then(|t| t.subscribers.get(i)) {
@@ -193,9 +193,9 @@ impl Engine {
             if self
                 .subscribers
                 .get(&sid)
-                .is_some_and(|s| s.fallback.is_some())
+                .is_some_and(|s| s.datagram.is_some())
             {
-                self.pump_fallback(sid);
+                self.pump_datagram(sid);
             }
         }
     }
@@ -208,7 +208,7 @@ impl Engine {
     /// frame naming publisher, sequence number and reason. The work of one call is bounded
     /// ([`RELAY_STEPS`]): a subscriber with more to do is pumped again at the next tick, so a
     /// ring no honest writer could produce can never hold the loop.
-    pub(super) fn pump_fallback(&mut self, sid: u64) {
+    pub(super) fn pump_datagram(&mut self, sid: u64) {
         enum Step {
             Sent(Vec<u8>),
             Skip(Skipped),
@@ -220,7 +220,7 @@ impl Engine {
                 return;
             };
             let conn = s.conn;
-            let Some(fb) = s.fallback.as_mut() else {
+            let Some(fb) = s.datagram.as_mut() else {
                 return;
             };
             let inflight = self.clients.get(&conn).map_or(u32::MAX, |c| c.inflight);
@@ -253,7 +253,7 @@ impl Engine {
                 if let Some(fb) = self
                     .subscribers
                     .get_mut(&sid)
-                    .and_then(|s| s.fallback.as_mut())
+                    .and_then(|s| s.datagram.as_mut())
                 {
                     fb.removed = done;
                     fb.removed.clear();
@@ -273,7 +273,7 @@ impl Engine {
                         len: sample.len() as u32,
                         reason,
                     };
-                    if sample.len() > MAX_FALLBACK_MESSAGE_BYTES {
+                    if sample.len() > MAX_DATAGRAM_MESSAGE_BYTES {
                         Step::Skip(skipped(SkipReason::TooLarge))
                     } else {
                         let d = Deliver {

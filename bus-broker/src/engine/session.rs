@@ -210,7 +210,7 @@ impl Engine {
             protocol_version: u16::from(PROTOCOL_VERSION),
             client_id: conn,
             max_frame_bytes: MAX_FRAME_BYTES as u32,
-            max_fallback_message_bytes: MAX_FALLBACK_MESSAGE_BYTES as u32,
+            max_datagram_message_bytes: MAX_DATAGRAM_MESSAGE_BYTES as u32,
             default_ring_bytes: self.limits.default_ring_bytes,
             max_ring_bytes: self.limits.max_ring_bytes,
             max_topic_bytes: MAX_TOPIC_BYTES as u16,

@@ -101,8 +101,8 @@ impl Engine {
             let Some(s) = self.subscribers.get(&sid) else {
                 continue;
             };
-            if s.fallback.is_some() {
-                self.pump_fallback(sid);
+            if s.datagram.is_some() {
+                self.pump_datagram(sid);
             } else {
                 let fd = s.wake_tx.clone();
                 self.out.push_back(Out::Wake { fd });

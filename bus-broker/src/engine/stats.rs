@@ -113,7 +113,7 @@ impl Engine {
                             .unwrap_or(0)
                     });
                     let (delivered, lost) = s
-                        .fallback
+                        .datagram
                         .as_ref()
                         .map_or((None, None), |f| (Some(f.delivered), Some(f.lost)));
                     let (pid, uid, command, name) = ident(c);

@@ -59,7 +59,7 @@ impl Engine {
             cursor_fd: Arc::new(cursor_fd),
             wake_tx: tx.into_shared(),
             view: None,
-            fallback: None,
+            datagram: None,
             stall: BTreeMap::new(),
             live_seq: 0,
             fds: subscriber_fds(req.delivery),
@@ -79,7 +79,7 @@ impl Engine {
                 token,
                 fd: Arc::new(rx.into()),
             });
-            s.fallback = Some(Fallback {
+            s.datagram = Some(DatagramSub {
                 page: Arc::new(page),
                 readers: ReaderSet::new(),
                 token,
@@ -195,7 +195,7 @@ impl Engine {
         for pid in pubs {
             self.connect_pair(pid, sid, Half::Both);
         }
-        self.pump_fallback(sid);
+        self.pump_datagram(sid);
         tracing::info!(subscriber = sid, topic = %self.topics[&topic].name, "subscriber live");
         Ok(())
     }
@@ -212,7 +212,7 @@ impl Engine {
             return;
         };
         self.refund_fds(s.conn, s.fds);
-        if let Some(fb) = &s.fallback {
+        if let Some(fb) = &s.datagram {
             fb.page.close();
             self.tokens.remove(&fb.token);
             self.out.push_back(Out::Unwatch { token: fb.token });

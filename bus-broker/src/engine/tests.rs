@@ -570,7 +570,7 @@ fn datagram_publisher_reaches_shm_subscriber_and_shm_publisher_reaches_datagram_
     let Msg::RingGranted(g) = got[0].msg() else {
         panic!("{got:?}")
     };
-    assert_eq!((g.role, got[0].fds.len()), (RingRole::Fallback, 0));
+    assert_eq!((g.role, got[0].fds.len()), (RingRole::Datagram, 0));
     let grant = got
         .iter()
         .find(|x| x.conn == 2)

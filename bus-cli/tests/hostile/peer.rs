@@ -502,7 +502,7 @@ impl DgramPub {
             Msg::RingGranted(g) => g,
             other => panic!("expected RING_GRANTED (fallback), got {other:?}"),
         };
-        assert_eq!(grant.role, RingRole::Fallback);
+        assert_eq!(grant.role, RingRole::Datagram);
         DgramPub { conn, grant }
     }
 

@@ -183,7 +183,7 @@ wire_enum! {
         /// A shared-memory subscriber: verify seals and size, map the attached ring read-only.
         Reader = 2 => "reader",
         /// A datagram publisher: the broker writes its PUBLISH frames into a ring it owns. No fd.
-        Fallback = 3 => "fallback",
+        Datagram = 3 => "datagram",
         /// As [`RingRole::Reader`], for a ring whose publisher arrived after the subscriber:
         /// everything in it was published after the subscription, so read it from its first
         /// record (a plain reader starts at the writer's current position).
@@ -236,7 +236,7 @@ wire_enum! {
     #[non_exhaustive]
     pub enum SkipReason: u16 {
         /// The message is larger than a DELIVER frame can carry
-        /// ([`crate::frame::MAX_FALLBACK_MESSAGE_BYTES`]); a shared-memory subscriber gets it.
+        /// ([`crate::frame::MAX_DATAGRAM_MESSAGE_BYTES`]); a shared-memory subscriber gets it.
         TooLarge = 1 => "too-large",
         /// Lossy topic: the publisher overwrote the message while the broker copied it.
         Overwritten = 2 => "overwritten",

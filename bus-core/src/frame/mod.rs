@@ -66,7 +66,7 @@ pub const DELIVER_FIXED_BYTES: usize = 40;
 pub const MAX_PUBLISH_PAYLOAD_BYTES: usize = MAX_FRAME_BYTES - HEADER_BYTES - PUBLISH_FIXED_BYTES;
 /// Largest message over the datagram fallback: what still fits in a DELIVER frame. The broker
 /// announces it in WELCOME and rejects larger PUBLISH payloads with `too-large`.
-pub const MAX_FALLBACK_MESSAGE_BYTES: usize = MAX_FRAME_BYTES - HEADER_BYTES - DELIVER_FIXED_BYTES;
+pub const MAX_DATAGRAM_MESSAGE_BYTES: usize = MAX_FRAME_BYTES - HEADER_BYTES - DELIVER_FIXED_BYTES;
 /// Largest JSON chunk one STATS_REPLY frame carries.
 pub const MAX_STATS_CHUNK_BYTES: usize = MAX_FRAME_BYTES - HEADER_BYTES;
 
@@ -271,7 +271,7 @@ pub struct Welcome<'a> {
     /// Largest frame the broker accepts ([`MAX_FRAME_BYTES`]).
     pub max_frame_bytes: u32,
     /// Largest PUBLISH payload over the datagram fallback.
-    pub max_fallback_message_bytes: u32,
+    pub max_datagram_message_bytes: u32,
     /// Ring data size used when CREATE_PUBLISHER asks for 0.
     pub default_ring_bytes: u64,
     /// Largest ring data size CREATE_PUBLISHER may ask for.
@@ -317,7 +317,7 @@ pub struct CreatePublisher<'a> {
 }
 
 /// RING_GRANTED body. Carries 1 fd (the ring memfd) unless the role is
-/// [`RingRole::Fallback`].
+/// [`RingRole::Datagram`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingGranted {
     /// What to do with the ring.
@@ -409,7 +409,7 @@ pub struct Publish<'a> {
     /// From RING_GRANTED (role fallback).
     pub publisher_id: u64,
     /// The message: the rest of the datagram (at most [`MAX_PUBLISH_PAYLOAD_BYTES`]; the
-    /// broker accepts at most [`MAX_FALLBACK_MESSAGE_BYTES`]).
+    /// broker accepts at most [`MAX_DATAGRAM_MESSAGE_BYTES`]).
     pub payload: &'a [u8],
 }
 
@@ -801,7 +801,7 @@ fn decode_body<'a>(rd: &mut Rd<'a>, ty: MsgType, more: bool) -> Result<Msg<'a>, 
             protocol_version: rd.u16("protocol_version")?,
             client_id: rd.u64("client_id")?,
             max_frame_bytes: rd.u32("max_frame_bytes")?,
-            max_fallback_message_bytes: rd.u32("max_fallback_message_bytes")?,
+            max_datagram_message_bytes: rd.u32("max_datagram_message_bytes")?,
             default_ring_bytes: rd.u64("default_ring_bytes")?,
             max_ring_bytes: rd.u64("max_ring_bytes")?,
             max_topic_bytes: rd.u16("max_topic_bytes")?,
@@ -1120,7 +1120,7 @@ impl Msg<'_> {
                 w.u16(m.protocol_version);
                 w.u64(m.client_id);
                 w.u32(m.max_frame_bytes);
-                w.u32(m.max_fallback_message_bytes);
+                w.u32(m.max_datagram_message_bytes);
                 w.u64(m.default_ring_bytes);
                 w.u64(m.max_ring_bytes);
                 w.u16(m.max_topic_bytes);

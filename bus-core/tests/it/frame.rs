@@ -4,7 +4,7 @@
 use bus_core::frame::{
     CreatePublisher, CursorGranted, DecodeError, Deliver, EncodeError, ErrorCode, ErrorReply,
     EvictReason, Evicted, FLAG_MORE, Frame, HEADER_BYTES, Header, Hello, MAGIC,
-    MAX_FALLBACK_MESSAGE_BYTES, MAX_PUBLISH_PAYLOAD_BYTES, MAX_STATS_CHUNK_BYTES, ModeRequest, Msg,
+    MAX_DATAGRAM_MESSAGE_BYTES, MAX_PUBLISH_PAYLOAD_BYTES, MAX_STATS_CHUNK_BYTES, ModeRequest, Msg,
     MsgType, PROTOCOL_VERSION, PeerGone, PeerGoneReason, PeerKind, Publish, RingGranted, RingRole,
     Shutdown, ShutdownReason, SkipReason, Skipped, StatsReply, Subscribe, Subscribed, Transport,
     Welcome, decode,
@@ -96,7 +96,7 @@ fn examples() -> Vec<Example> {
         ex("welcome",
             Frame::new(1, Msg::Welcome(Welcome {
                 protocol_version: 1, client_id: 7, max_frame_bytes: 65536,
-                max_fallback_message_bytes: MAX_FALLBACK_MESSAGE_BYTES as u32,
+                max_datagram_message_bytes: MAX_DATAGRAM_MESSAGE_BYTES as u32,
                 default_ring_bytes: 1 << 20, max_ring_bytes: 1 << 30, max_topic_bytes: 255,
                 broker_version: "0.1.0",
             })),
@@ -132,8 +132,8 @@ fn examples() -> Vec<Example> {
             "0000000000000000 00000000 00 02 0100 74"),
         ex("ring_granted_fallback",
             Frame::new(5, Msg::RingGranted(RingGranted {
-                role: RingRole::Fallback, mode: Mode::Reliable, slot: 0,
-                max_message_bytes: MAX_FALLBACK_MESSAGE_BYTES as u32, topic_id: 1,
+                role: RingRole::Datagram, mode: Mode::Reliable, slot: 0,
+                max_message_bytes: MAX_DATAGRAM_MESSAGE_BYTES as u32, topic_id: 1,
                 publisher_id: 2, subscriber_id: 0, data_bytes: 1 << 20,
             })),
             "4d425553 01 00 0201 28000000 0000 0000 0500000000000000",
@@ -419,11 +419,11 @@ fn largest_payloads_fit_and_one_more_byte_does_not() {
             payload: &big[..n],
         }))
     };
-    let bytes = encode(&deliver(MAX_FALLBACK_MESSAGE_BYTES));
+    let bytes = encode(&deliver(MAX_DATAGRAM_MESSAGE_BYTES));
     assert_eq!(bytes.len(), MAX_FRAME_BYTES);
-    assert_eq!(decode(&bytes), Ok(deliver(MAX_FALLBACK_MESSAGE_BYTES)));
+    assert_eq!(decode(&bytes), Ok(deliver(MAX_DATAGRAM_MESSAGE_BYTES)));
     assert!(matches!(
-        deliver(MAX_FALLBACK_MESSAGE_BYTES + 1).encoded_len(),
+        deliver(MAX_DATAGRAM_MESSAGE_BYTES + 1).encoded_len(),
         Err(EncodeError::FrameTooLarge { .. })
     ));
 }
@@ -1127,7 +1127,7 @@ fn build(p: &Parts) -> Frame<'_> {
             protocol_version: n[0] as u16,
             client_id: n[1],
             max_frame_bytes: n[2] as u32,
-            max_fallback_message_bytes: n[3] as u32,
+            max_datagram_message_bytes: n[3] as u32,
             default_ring_bytes: n[4],
             max_ring_bytes: n[5],
             max_topic_bytes: n[6] as u16,

@@ -3,7 +3,7 @@
 //! bus-cli/tests/hostile.)
 
 use super::*;
-use bus_core::frame::{MAX_FALLBACK_MESSAGE_BYTES, SkipReason};
+use bus_core::frame::{MAX_DATAGRAM_MESSAGE_BYTES, SkipReason};
 
 fn create(h: &mut Harness, conn: ConnId, topic: &str, ring: u64, transport: Transport) -> Vec<Got> {
     h.frame(
@@ -194,8 +194,8 @@ fn publish_over_the_datagram_limit_is_refused() {
     let mut h = Harness::new();
     let (pid, _) = datagram_pair(&mut h, "big", 1 << 20);
     for len in [
-        MAX_FALLBACK_MESSAGE_BYTES + 1,
-        MAX_FALLBACK_MESSAGE_BYTES + 32,
+        MAX_DATAGRAM_MESSAGE_BYTES + 1,
+        MAX_DATAGRAM_MESSAGE_BYTES + 32,
     ] {
         let payload = vec![1u8; len];
         let got = h.frame(
@@ -219,8 +219,8 @@ fn publish_over_the_datagram_limit_is_refused() {
     let Msg::RingGranted(g) = got[0].msg() else {
         panic!("{got:?}")
     };
-    assert_eq!(g.max_message_bytes as usize, MAX_FALLBACK_MESSAGE_BYTES);
-    let payload = vec![2u8; MAX_FALLBACK_MESSAGE_BYTES];
+    assert_eq!(g.max_message_bytes as usize, MAX_DATAGRAM_MESSAGE_BYTES);
+    let payload = vec![2u8; MAX_DATAGRAM_MESSAGE_BYTES];
     let got = h.frame(
         1,
         10,

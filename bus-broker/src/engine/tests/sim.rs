@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use bus_core::frame::{MAX_FALLBACK_MESSAGE_BYTES, MAX_PUBLISH_PAYLOAD_BYTES, SkipReason, Skipped};
+use bus_core::frame::{MAX_DATAGRAM_MESSAGE_BYTES, MAX_PUBLISH_PAYLOAD_BYTES, SkipReason, Skipped};
 
 /// xorshift64*: small, seedable, good enough to pick actions.
 struct Rng(u64);
@@ -413,8 +413,8 @@ impl Sim {
         };
         let len = if self.rng.chance(8) {
             // Over what a DELIVER carries, within what a PUBLISH frame can hold.
-            let room = (MAX_PUBLISH_PAYLOAD_BYTES - MAX_FALLBACK_MESSAGE_BYTES) as u64;
-            MAX_FALLBACK_MESSAGE_BYTES + 1 + self.rng.below(room) as usize
+            let room = (MAX_PUBLISH_PAYLOAD_BYTES - MAX_DATAGRAM_MESSAGE_BYTES) as u64;
+            MAX_DATAGRAM_MESSAGE_BYTES + 1 + self.rng.below(room) as usize
         } else {
             self.rng.below(3000) as usize
         };
