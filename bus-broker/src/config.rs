@@ -10,7 +10,7 @@
 //! policy = "policy.toml"            # relative to this file
 //! log = "info"                      # or directives such as "info,bus_broker::policy=debug"
 //!
-//! [limits]                          # any field of bus_core::limits::Limits
+//! [limits]                          # any field of bus_broker::limits::Limits
 //! max_clients = 1024
 //!
 //! [[topic]]                         # declared topics: their settings win over a client's
@@ -29,8 +29,8 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::limits::Limits;
 use bus_core::layout::{MAX_DATA_BYTES, MIN_DATA_BYTES, Mode, max_message_bytes_for};
-use bus_core::limits::Limits;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 use toml::Spanned;

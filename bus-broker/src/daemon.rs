@@ -8,7 +8,7 @@ use std::error::Error;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use bus_core::limits::Limits;
+use crate::limits::Limits;
 
 use crate::addr::{AddrError, Listener};
 use crate::cli::Args;

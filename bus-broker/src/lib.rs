@@ -12,6 +12,7 @@
 //!   checks, lock file, live-versus-stale detection, abstract names, systemd socket activation;
 //!   SO_PEERCRED.
 //! - [`policy`]: topic names and patterns, the policy file, [`policy::PolicyHolder`] for reloads.
+//! - [`limits`]: the run-time limits (`[limits]` in the config), broker policy.
 //! - [`log`]: `tracing` to stderr.
 //!
 //! The loop: [`engine`] (sans-IO session logic) driven by [`driver`] (io_uring, or epoll where
@@ -24,5 +25,6 @@ pub mod config;
 pub mod daemon;
 pub mod driver;
 pub mod engine;
+pub mod limits;
 pub mod log;
 pub mod policy;

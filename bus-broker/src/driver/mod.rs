@@ -31,8 +31,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::limits::Limits;
 use bus_core::frame::ErrorCode;
-use bus_core::limits::{Limits, MAX_FDS_PER_FRAME, MAX_FRAME_BYTES};
+use bus_core::limits::{MAX_FDS_PER_FRAME, MAX_FRAME_BYTES};
 use bus_core::sys::scm::{FdBatch, Received, RecvError, recv_frame_with, send_frame_with};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};

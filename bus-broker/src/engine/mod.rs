@@ -43,6 +43,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::limits::Limits;
 use bus_core::frame::{
     CreatePublisher, CursorGranted, DecodeError, Deliver, ErrorCode, ErrorReply, EvictReason,
     Evicted, Frame, Header, MAX_DATAGRAM_MESSAGE_BYTES, ModeRequest, Msg, PROTOCOL_VERSION,
@@ -52,7 +53,7 @@ use bus_core::frame::{
 use bus_core::layout::{
     CURSOR_DETACHED, MIN_DATA_BYTES, Mode, max_message_bytes_for, record_bytes,
 };
-use bus_core::limits::{Limits, MAX_ERROR_MESSAGE_BYTES, MAX_FRAME_BYTES, MAX_TOPIC_BYTES};
+use bus_core::limits::{MAX_ERROR_MESSAGE_BYTES, MAX_FRAME_BYTES, MAX_TOPIC_BYTES};
 use bus_core::ring::{CursorPage, CursorView, Reader, ReaderSet, RingConfig, StartAt, Writer};
 use bus_core::segment::{
     Access, create_cursor_page, create_ring, map_cursor_page, map_ring, seal_read_only,

@@ -186,8 +186,8 @@ mod tests {
     use std::path::Path;
     use std::time::Instant;
 
+    use crate::limits::Limits;
     use bus_core::frame::{CreatePublisher, Frame, Hello, ModeRequest, Msg, Transport};
-    use bus_core::limits::Limits;
     use bus_core::sys::scm::FdBatch;
     use serde_json::Value;
 

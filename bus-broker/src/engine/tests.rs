@@ -4,12 +4,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::limits::Limits;
 use bus_core::frame::{
     CreatePublisher, ErrorCode, Frame, Hello, ModeRequest, Msg, PeerGoneReason, PeerKind, Publish,
     RingRole, Subscribe, Transport,
 };
 use bus_core::layout::Mode;
-use bus_core::limits::Limits;
 use bus_core::ring::{CursorPage, Reader, RingConfig, StartAt, Writer};
 use bus_core::segment::{Access, map_cursor_page, map_ring};
 use bus_core::sys::scm::FdBatch;
