@@ -28,3 +28,4 @@ pub mod engine;
 pub mod limits;
 pub mod log;
 pub mod policy;
+mod toml_util;

@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{IdOrName, position, toml_error_in};
+use crate::toml_util::{IdOrName, position, toml_error_in};
 
 /// Longest topic name, in bytes.
 pub use bus_core::limits::MAX_TOPIC_BYTES;
