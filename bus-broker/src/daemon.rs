@@ -275,7 +275,7 @@ fn run(args: Args, driver_flag: Option<String>) -> Result<(), Failure> {
         Instant::now(),
     );
     engine.set_fd_budget(fds.segments);
-    let options = Options::new(&settings.limits, policy);
+    let options = Options::new(policy);
 
     let version = env!("CARGO_PKG_VERSION");
     let kind = driver.kind();

@@ -15,8 +15,9 @@
 //! When one is readable, `Core` drains it with non-blocking `recvmsg` into the one shared
 //! [`MAX_FRAME_BYTES`] buffer and hands each datagram to the engine. Sends go out at once with a
 //! non-blocking `sendmsg`; only what the socket refuses (`EAGAIN`) is queued, per connection,
-//! until the socket is writable again. A connection whose queue passes
-//! [`Options::max_queued_frames`] does not read its socket and is dropped.
+//! until the socket is writable again. The engine bounds that queue: it counts what it handed
+//! over against what [`Engine::on_sent`] gives back, and drops a client that stops reading
+//! ([`Out::Drop`], [`Engine::unsent_limit`]).
 //!
 //! **Invariant:** after every event handed to the engine, the driver drains
 //! [`Engine::poll_out`] until it is empty (`Core::dispatch`).
@@ -31,7 +32,6 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::limits::Limits;
 use bus_core::frame::ErrorCode;
 use bus_core::limits::{MAX_FDS_PER_FRAME, MAX_FRAME_BYTES};
 use bus_core::sys::scm::{FdBatch, Received, RecvError, recv_frame_with, send_frame_with};
@@ -144,8 +144,6 @@ pub enum DriverError {
 /// What the drivers need besides the listener and the engine.
 #[derive(Debug)]
 pub struct Options {
-    /// Frames queued for one connection (its socket full) before it is dropped as not reading.
-    pub max_queued_frames: usize,
     /// How long a closing connection may take to read what is queued for it.
     pub close_linger: Duration,
     /// How long a graceful shutdown waits for clients to be sent their SHUTDOWN frames.
@@ -155,13 +153,9 @@ pub struct Options {
 }
 
 impl Options {
-    /// Defaults for `limits`: the queue bound is twice `max_queued_replies` (slack for DELIVER
-    /// bursts on top of the replies the engine itself bounds).
-    pub fn new(limits: &Limits, policy: PolicyHolder) -> Options {
+    /// Defaults.
+    pub fn new(policy: PolicyHolder) -> Options {
         Options {
-            max_queued_frames: (limits.max_queued_replies as usize)
-                .saturating_mul(2)
-                .max(16),
             close_linger: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(2),
             policy,
@@ -533,6 +527,9 @@ impl<R: Readiness> Core<R> {
             match out {
                 Out::Send { .. } => unreachable!("handled above"),
                 Out::Close { conn } => self.close(conn),
+                Out::Drop { conn } => {
+                    self.remove(conn);
+                }
                 Out::Watch { token, fd } => self.watch(token, fd),
                 Out::Unwatch { token } => self.unwatch(token),
                 Out::PauseReads { conn } => self.set_paused(conn, true),
@@ -846,17 +843,6 @@ impl<R: Readiness> Core<R> {
         }
         if let Some(e) = failed {
             self.send_failed(id, e);
-            return;
-        }
-        if queued > self.options.max_queued_frames {
-            tracing::warn!(
-                conn = id,
-                queued,
-                "client does not read its socket ({queued} frames queued, limit {}); disconnecting it",
-                self.options.max_queued_frames
-            );
-            self.remove(id);
-            self.engine.on_disconnect(id);
             return;
         }
         if was_empty && queued > 0 {

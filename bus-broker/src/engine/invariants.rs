@@ -38,6 +38,18 @@ impl Engine {
         // Clients <-> their publishers and subscribers, and their descriptors.
         let mut fds_total: u64 = 0;
         for (&conn, c) in &self.clients {
+            // The send queue's one bound: past it a client is on its way out, and nothing
+            // more is queued for it.
+            ensure!(
+                c.inflight <= self.unsent_limit() || c.unread,
+                "client {conn} has {} frames unsent, over the limit {}, and is not being dropped",
+                c.inflight,
+                self.unsent_limit()
+            );
+            ensure!(
+                c.unread == self.unread.contains(&conn),
+                "client {conn}: unread mark and drop queue disagree"
+            );
             let mut held = 0u32;
             for pid in &c.publishers {
                 let p = self

@@ -97,6 +97,13 @@ pub enum Out {
         /// Which.
         conn: ConnId,
     },
+    /// Drop the connection now, discarding what is queued for it: it stopped reading its socket
+    /// (more than [`Engine::unsent_limit`] frames unsent). The engine has already forgotten it:
+    /// do not call [`Engine::on_disconnect`] for it afterwards.
+    Drop {
+        /// Which.
+        conn: ConnId,
+    },
     /// Watch `fd` (the receive end of a datagram subscriber's wake socket, which the engine
     /// hands over): when it is readable, drain it (read every queued datagram, without
     /// blocking) and then report it with [`Engine::on_wake`]`(token)`. Close it at
@@ -184,8 +191,12 @@ struct Client {
     transport: Transport,
     publishers: Vec<u64>,
     subscribers: Vec<u64>,
-    /// Frames handed to the driver and not yet reported sent.
+    /// Frames handed to the driver and not yet reported sent ([`Engine::on_sent`]): the one
+    /// count of a client's send queue. Past [`Engine::unsent_limit`] it is dropped.
     inflight: u32,
+    /// It passed [`Engine::unsent_limit`]: it is dropped at the next [`Engine::poll_out`], and
+    /// nothing more is sent to it.
+    unread: bool,
     /// Reads are paused ([`Out::PauseReads`]) until its publishers' backlogs drain.
     paused: bool,
     /// File descriptors the broker holds for its publishers and subscribers
@@ -358,7 +369,7 @@ struct Subscriber {
     /// When it became live, in the engine's event order.
     live_seq: u64,
     /// File descriptors the broker holds for it: the cursor page and the wake socket's send
-    /// end; for datagram delivery also the wake socket's receive end and the driver's copy.
+    /// end; for datagram delivery also the wake socket's receive end (which the driver watches).
     fds: u32,
 }
 
@@ -389,6 +400,9 @@ pub struct Engine {
     /// Topics with datagram-published messages not yet pumped to their datagram subscribers
     /// ([`Engine::flush_relays`]).
     written_topics: Vec<u64>,
+    /// Clients that stopped reading their socket ([`Client::unread`]), dropped at the next
+    /// [`Engine::poll_out`] (not inside `send`, which runs in the middle of other work).
+    unread: Vec<ConnId>,
     /// Connections in the order they arrived, with their HELLO deadline. Deadlines grow in
     /// this order (one fixed timeout), so the front is the next to expire; entries of clients
     /// that said HELLO or left are skipped and dropped lazily. Keeps `next_deadline` O(1)
@@ -534,6 +548,7 @@ impl Engine {
             live_clock: 0,
             spare_frames: Vec::new(),
             written_topics: Vec::new(),
+            unread: Vec::new(),
             hello_deadlines: VecDeque::new(),
             keep_topic: None,
             pump_again: Vec::new(),
@@ -572,7 +587,46 @@ impl Engine {
 
     /// The next action for the driver.
     pub fn poll_out(&mut self) -> Option<Out> {
+        if self.out.is_empty() {
+            self.drop_unread();
+        }
         self.out.pop_front()
+    }
+
+    /// Most frames one client may have handed to the driver and not yet sent: its replies
+    /// (`limits.max_queued_replies`) plus a full window of relayed DELIVERs
+    /// ([`DELIVER_CREDIT`]). The engine counts them ([`Engine::on_sent`] gives them back) and
+    /// drops a client that passes it ([`Out::Drop`]); the driver keeps no bound of its own.
+    pub fn unsent_limit(&self) -> u32 {
+        self.limits
+            .max_queued_replies
+            .max(1)
+            .saturating_add(DELIVER_CREDIT)
+    }
+
+    /// Drops the clients [`Engine::send`] found not reading: their peers are told they are gone,
+    /// what they held is released, and the driver closes them without flushing.
+    fn drop_unread(&mut self) {
+        while let Some(conn) = self.unread.pop() {
+            let Some(c) = self.clients.get(&conn) else {
+                continue;
+            };
+            debug_assert!(
+                c.unread,
+                "only clients marked unread are queued for dropping"
+            );
+            tracing::warn!(
+                conn,
+                pid = c.creds.pid,
+                name = %c.name,
+                "client does not read its socket ({} frames unsent, limit {}: \
+                 limits.max_queued_replies plus the delivery window); disconnecting it",
+                c.inflight,
+                self.unsent_limit()
+            );
+            self.forget_client(conn, PeerGoneReason::Disconnected);
+            self.out.push_back(Out::Drop { conn });
+        }
     }
 
     fn alloc_id(&mut self) -> u64 {
@@ -590,8 +644,17 @@ impl Engine {
         let mut buf = Vec::new();
         match frame.encode(&mut buf) {
             Ok(_) => {
+                let limit = self.unsent_limit();
                 if let Some(c) = self.clients.get_mut(&conn) {
+                    if c.unread {
+                        return; // It is being dropped: nothing more for it.
+                    }
                     c.inflight += 1;
+                    if c.inflight > limit {
+                        c.unread = true;
+                        self.unread.push(conn);
+                        return;
+                    }
                 }
                 self.out.push_back(Out::Send {
                     conn,

@@ -18,6 +18,7 @@ impl Engine {
             publishers: Vec::new(),
             subscribers: Vec::new(),
             inflight: 0,
+            unread: false,
             paused: false,
             fds: 0,
         };

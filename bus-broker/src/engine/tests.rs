@@ -53,6 +53,8 @@ struct Harness {
     now: Instant,
     watches: Vec<(u64, Arc<OwnedFd>)>,
     closed: Vec<ConnId>,
+    /// Connections the engine dropped for not reading ([`Out::Drop`]; also in `closed`).
+    dropped: Vec<ConnId>,
     /// Connections whose reads are paused.
     paused: Vec<ConnId>,
     /// Connections whose sends are not reported complete (a client that does not read).
@@ -75,6 +77,7 @@ impl Harness {
             now,
             watches: Vec::new(),
             closed: Vec::new(),
+            dropped: Vec::new(),
             paused: Vec::new(),
             held: Vec::new(),
             unacked: Vec::new(),
@@ -114,6 +117,13 @@ impl Harness {
                     got.push(Got { conn, frame, fds })
                 }
                 Out::Close { conn } => self.closed.push(conn),
+                Out::Drop { conn } => {
+                    // As the driver does: gone at once, its unsent frames with it.
+                    self.dropped.push(conn);
+                    self.closed.push(conn);
+                    self.held.retain(|&c| c != conn);
+                    self.unacked.retain(|&c| c != conn);
+                }
                 Out::Watch { token, fd } => self.watches.push((token, fd)),
                 Out::Unwatch { token } => self.watches.retain(|(t, _)| *t != token),
                 Out::PauseReads { conn } => self.paused.push(conn),

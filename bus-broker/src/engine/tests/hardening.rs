@@ -784,3 +784,46 @@ fn the_first_ring_fixes_the_topic_geometry() {
     assert_eq!(g.data_bytes, first.data_bytes);
     let _reader = reader_from(grant, &page);
 }
+
+/// The send queue has one bound, the engine's: a client that keeps sending requests but reads
+/// none of its replies is dropped once more than `unsent_limit` frames wait for it (not sooner),
+/// its subscribers are told its publisher is gone, and the other clients are served on.
+#[test]
+fn a_client_that_does_not_read_is_dropped_at_the_unsent_limit() {
+    let limits = Limits {
+        max_queued_replies: 8,
+        ..Limits::default()
+    };
+    let mut h = Harness::with(limits, own_policy());
+    let limit = h.e.unsent_limit();
+    assert_eq!(
+        limit,
+        8 + crate::engine::DELIVER_CREDIT,
+        "replies plus one delivery window"
+    );
+    h.connect(2);
+    let (_page, _sid, _) = h.subscriber(2, "deaf");
+    h.connect(1);
+    let (_w, pid, _) = h.publisher(1, "deaf", ModeRequest::Reliable);
+    // Client 1 stops reading its socket and pings on.
+    h.held.push(1);
+    for token in 0..u64::from(limit) {
+        let got = h.frame(1, token + 1, Msg::Ping { token });
+        assert!(matches!(got[0].msg(), Msg::Pong { .. }), "{got:?}");
+        assert!(h.dropped.is_empty(), "dropped after {token} unread replies");
+    }
+    let got = h.frame(1, 999, Msg::Ping { token: 999 });
+    assert_eq!(h.dropped, vec![1], "dropped past the limit");
+    assert!(
+        got.iter().all(|g| g.conn != 1),
+        "nothing more is queued for a client being dropped: {got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|g| g.conn == 2 && matches!(g.msg(), Msg::PeerGone(p) if p.peer_id == pid)),
+        "its subscriber is told: {got:?}"
+    );
+    assert_eq!(h.e.fds_in_use(), 2, "the dropped client's ring came back");
+    let got = h.frame(2, 5, Msg::Ping { token: 5 });
+    assert!(matches!(got[0].msg(), Msg::Pong { token: 5 }), "{got:?}");
+}
