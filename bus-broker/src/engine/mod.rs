@@ -155,7 +155,7 @@ enum Half {
 
 /// Frames a datagram subscriber may have in flight before the broker stops reading its rings
 /// (its cursor then stays put, which is the back-pressure a reliable publisher feels).
-const DELIVER_CREDIT: u32 = 64;
+pub const DELIVER_CREDIT: u32 = 64;
 /// Messages a datagram publisher may have waiting for ring space before the broker stops reading
 /// its connection ([`Out::PauseReads`]).
 pub const DATAGRAM_BACKLOG: usize = 256;
