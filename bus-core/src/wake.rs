@@ -664,6 +664,7 @@ pub fn drain(fd: BorrowedFd<'_>) -> usize {
     n
 }
 
+#[cfg(not(loom))]
 impl WakeReceiver {
     /// Wraps a received fd (the broker's SUBSCRIBED). It is switched to blocking mode (every
     /// non-blocking use passes MSG_DONTWAIT; poll, epoll and async runtimes work either way).
