@@ -5,12 +5,18 @@
 //! point, and simulated time moves. After every step [`Engine::check_invariants`] must hold,
 //! and what the clients see must keep the delivery promises: on a reliable topic a datagram
 //! subscriber gets every message of every publisher, in order, none lost, from the first it
-//! saw on (a lossy one only with exact `lost_before` counts).
+//! saw on (a lossy one only with exact `lost_before` counts). At the end of a run the clients
+//! read again and time moves until the broker is quiet: then every message a reliable datagram
+//! publisher was told was accepted (no ERROR to its PUBLISH) has reached each datagram
+//! subscriber that was there when it was accepted and is still there, even if the publisher
+//! closed or disconnected meanwhile.
 //!
-//! A failing run prints its seed; `MEMBUS_SIM_SEED=N` replays it, `MEMBUS_SIM_SECONDS=S` runs
-//! random seeds for S seconds (CI runs a fixed set plus a short random spell).
+//! A failing run prints its seed; `MEMBUS_SIM_SEED=N` replays it (`MEMBUS_SIM_STEPS=K` for a
+//! run of K steps instead of the default), `MEMBUS_SIM_SECONDS=S` runs random seeds for S
+//! seconds (CI runs a fixed set plus a short random spell), `MEMBUS_SIM_DEBUG=1` prints what
+//! each run covered.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use bus_core::frame::{MAX_DATAGRAM_MESSAGE_BYTES, MAX_PUBLISH_PAYLOAD_BYTES, SkipReason, Skipped};
@@ -60,9 +66,19 @@ struct ShmSub {
 }
 
 /// What a datagram subscriber expects next from each publisher.
-#[derive(Default)]
 struct Stream {
+    topic_id: u64,
     next: BTreeMap<u64, u64>,
+}
+
+/// What the broker accepted from one datagram publisher.
+struct Accepted {
+    topic_id: u64,
+    mode: Mode,
+    /// PUBLISHes answered with no ERROR: the broker owes them to its subscribers.
+    count: u64,
+    /// How many of those had to wait in the publisher's backlog for ring space.
+    backlogged: u64,
 }
 
 struct Client {
@@ -84,6 +100,13 @@ struct Sim {
     next_conn: ConnId,
     steps: u64,
     seen: Seen,
+    /// Datagram publisher id -> what the broker accepted from it.
+    accepted: BTreeMap<u64, Accepted>,
+    /// (datagram subscriber, datagram publisher) -> messages of that publisher accepted before
+    /// the subscriber joined (it is owed the rest).
+    joined: BTreeMap<(u64, u64), u64>,
+    /// Pairs whose stream ended with a corrupt-ring SKIPPED (owed nothing more).
+    excused: BTreeSet<(u64, u64)>,
 }
 
 /// What a run exercised, so that the test can tell it covered the interesting paths.
@@ -96,6 +119,13 @@ struct Seen {
     too_large: u64,
     ring_grants: u64,
     released: u64,
+    /// (subscriber, publisher) pairs whose delivery the end of the run verified.
+    owed_checked: u64,
+    /// Accepted PUBLISHes that had to wait for ring space (the publisher's backlog).
+    backlogged: u64,
+    /// Checked pairs whose publisher had messages wait in its backlog after the subscriber
+    /// joined: the end-of-run check covered the backlog's retry path.
+    owed_backlogged: u64,
 }
 
 impl Seen {
@@ -107,6 +137,9 @@ impl Seen {
         self.too_large += o.too_large;
         self.ring_grants += o.ring_grants;
         self.released += o.released;
+        self.owed_checked += o.owed_checked;
+        self.backlogged += o.backlogged;
+        self.owed_backlogged += o.owed_backlogged;
     }
 }
 
@@ -130,6 +163,9 @@ impl Sim {
             next_conn: 1,
             steps: 0,
             seen: Seen::default(),
+            accepted: BTreeMap::new(),
+            joined: BTreeMap::new(),
+            excused: BTreeSet::new(),
         }
     }
 
@@ -222,6 +258,7 @@ impl Sim {
                         .unwrap_or_else(|| panic!("SKIPPED for unknown subscriber {k:?}"));
                     if reason == SkipReason::CorruptRing {
                         stream.next.remove(&publisher_id);
+                        self.excused.insert((subscriber_id, publisher_id));
                     } else {
                         expect_next(*mode, stream, publisher_id, seq, lost_before, "SKIPPED");
                     }
@@ -366,6 +403,22 @@ impl Sim {
         let c = &mut self.clients[i];
         if transport == Transport::Datagram {
             c.dg_pubs.push((rg.publisher_id, topic.to_owned()));
+            // Subscribers already there are owed everything it publishes.
+            for (&sid, (_, stream)) in self.clients.iter().flat_map(|c| &c.dg_subs) {
+                if stream.topic_id == rg.topic_id {
+                    self.joined.insert((sid, rg.publisher_id), 0);
+                }
+            }
+            self.accepted.insert(
+                rg.publisher_id,
+                Accepted {
+                    topic_id: rg.topic_id,
+                    mode: rg.mode,
+                    count: 0,
+                    backlogged: 0,
+                },
+            );
+            return;
         } else {
             c.shm_pubs.push(ShmPub {
                 id: rg.publisher_id,
@@ -423,13 +476,29 @@ impl Sim {
         let conn = c.conn;
         if !c.dg_pubs.is_empty() && (c.shm_pubs.is_empty() || self.rng.chance(50)) {
             let &(pid, _) = self.rng.pick(&c.dg_pubs).unwrap();
-            self.frame(
+            let rid = self.rng.below(1000) + 1;
+            let backlog = |sim: &Self| sim.h.e.publishers.get(&pid).map_or(0, |p| p.backlog.len());
+            let before = backlog(self);
+            let got = self.h.frame(
                 conn,
+                rid,
                 Msg::Publish(Publish {
                     publisher_id: pid,
                     payload: &payload,
                 }),
             );
+            let refused = got.iter().any(|g| {
+                g.conn == conn && g.request_id() == rid && matches!(g.msg(), Msg::Error(_))
+            });
+            let waits = backlog(self) > before;
+            if !refused && let Some(a) = self.accepted.get_mut(&pid) {
+                a.count += 1;
+                a.backlogged += u64::from(waits);
+            }
+            if waits {
+                self.seen.backlogged += 1;
+            }
+            self.deliver(got);
         } else {
             let live: Vec<usize> = (0..c.shm_pubs.len())
                 .filter(|&k| c.shm_pubs[k].writer.is_some())
@@ -504,8 +573,21 @@ impl Sim {
         let lazy = self.rng.chance(25);
         let c = &mut self.clients[i];
         if delivery == Transport::Datagram {
-            c.dg_subs
-                .insert(s.subscriber_id, (s.mode, Stream::default()));
+            c.dg_subs.insert(
+                s.subscriber_id,
+                (
+                    s.mode,
+                    Stream {
+                        topic_id: s.topic_id,
+                        next: BTreeMap::new(),
+                    },
+                ),
+            );
+            for (&pid, a) in &self.accepted {
+                if a.topic_id == s.topic_id {
+                    self.joined.insert((s.subscriber_id, pid), a.count);
+                }
+            }
             self.deliver(got);
             return;
         }
@@ -540,6 +622,12 @@ impl Sim {
             return;
         };
         let n = self.rng.below(200);
+        self.read_client(i, n);
+    }
+
+    /// Client `i`'s shared-memory subscribers (but the lazy ones) take up to `n` messages
+    /// from each of their rings.
+    fn read_client(&mut self, i: usize, n: u64) {
         let c = &mut self.clients[i];
         let conn = c.conn;
         let mut released = Vec::new();
@@ -648,6 +736,75 @@ impl Sim {
         }
     }
 
+    /// The end of a run: every client reads again and time moves until the broker has nothing
+    /// more to send (stalled subscribers are evicted on the way); then each reliable datagram
+    /// subscriber must have had every message the broker accepted from each datagram publisher
+    /// of its topic since it joined.
+    fn settle_and_check(&mut self) {
+        self.h.held.clear();
+        let mut quiet = false;
+        for _ in 0..200 {
+            for i in 0..self.clients.len() {
+                self.read_client(i, u64::MAX);
+            }
+            let unacked = std::mem::take(&mut self.h.unacked);
+            for conn in unacked {
+                self.h.e.on_sent(conn, 1);
+            }
+            self.h.now += Duration::from_millis(100);
+            self.h.e.on_tick(self.h.now);
+            let tokens: Vec<u64> = self.h.watches.iter().map(|&(t, _)| t).collect();
+            for t in tokens {
+                self.h.e.on_wake(t);
+            }
+            self.h.e.flush_relays();
+            let got = self.h.drain();
+            // Quiet: nothing sent, nothing unsent, and no accepted message waiting for ring
+            // space (a backlog is retried on a timer, so an empty turn does not mean done).
+            quiet = got.is_empty()
+                && self.h.unacked.is_empty()
+                && self.h.e.publishers.values().all(|p| p.backlog.is_empty());
+            self.deliver(got);
+            self.forget_closed();
+            if quiet {
+                break;
+            }
+        }
+        // Everyone reads and stallers are evicted: a broker that still has work after 20 s
+        // of simulated time is stuck.
+        assert!(quiet, "the broker did not go quiet while every client read");
+        for (&(sid, pid), &before) in &self.joined {
+            let Some((mode, stream)) = self.clients.iter().find_map(|c| c.dg_subs.get(&sid)) else {
+                continue; // Unsubscribed, evicted or disconnected: owed nothing.
+            };
+            let a = &self.accepted[&pid];
+            if *mode != Mode::Reliable
+                || a.mode != Mode::Reliable
+                || self.excused.contains(&(sid, pid))
+            {
+                continue;
+            }
+            match stream.next.get(&pid) {
+                Some(&next) => assert_eq!(
+                    next, a.count,
+                    "datagram subscriber {sid} got publisher {pid}'s messages up to {next}, but \
+                     the broker accepted {} (the rest is neither delivered nor queued)",
+                    a.count
+                ),
+                None => assert!(
+                    a.count <= before,
+                    "datagram subscriber {sid} got none of publisher {pid}'s messages, though \
+                     the broker accepted {} after it joined",
+                    a.count - before
+                ),
+            }
+            self.seen.owed_checked += 1;
+            if a.backlogged > 0 && a.count > before {
+                self.seen.owed_backlogged += 1;
+            }
+        }
+    }
+
     /// Drops clients the engine closed (handshake timeout, protocol errors).
     fn forget_closed(&mut self) {
         let closed = std::mem::take(&mut self.h.closed);
@@ -682,6 +839,7 @@ fn run(seed: u64, steps: u64) -> Seen {
             sim.step();
             sim.forget_closed();
         }
+        sim.settle_and_check();
     }));
     if let Err(e) = result {
         let msg = e
@@ -713,11 +871,15 @@ fn simulation_fixed_seeds() {
         .ok()
         .and_then(|s| s.parse().ok())
     {
-        run(seed, STEPS * 4);
+        let steps = std::env::var("MEMBUS_SIM_STEPS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(STEPS);
+        run(seed, steps);
         return;
     }
     let mut seen = Seen::default();
-    for seed in 1..=24 {
+    for seed in 1..=128 {
         seen.add(run(seed, STEPS));
     }
     // The fixed seeds must reach the paths the hardening round is about; a change that made
@@ -730,6 +892,9 @@ fn simulation_fixed_seeds() {
         too_large,
         ring_grants,
         released,
+        owed_checked,
+        backlogged,
+        owed_backlogged,
     } = seen;
     assert!(
         delivers > 100
@@ -738,7 +903,10 @@ fn simulation_fixed_seeds() {
             && limit_reached > 0
             && too_large > 0
             && ring_grants > 10
-            && released > 0,
+            && released > 0
+            && owed_checked > 10
+            && backlogged > 0
+            && owed_backlogged > 0,
         "the fixed seeds cover too little: {seen:?}"
     );
 }
