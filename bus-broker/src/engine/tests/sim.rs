@@ -418,7 +418,6 @@ impl Sim {
                     backlogged: 0,
                 },
             );
-            return;
         } else {
             c.shm_pubs.push(ShmPub {
                 id: rg.publisher_id,
