@@ -1,0 +1,2 @@
+//! Test support shared by the membus crates' integration tests. Not published; only ever a
+//! dev-dependency.
