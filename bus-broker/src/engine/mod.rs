@@ -21,22 +21,27 @@
 //! - `publishers`, `subscribers`: the two sides of the handoff, and leaving.
 //! - `relay`: the datagram relay (the broker as writer and as reader of rings).
 //! - `stall`: who holds a reliable writer back, and eviction.
-//! - `fds`: the descriptor budget and quotas.
+//! - `timers`: ticks and deadlines (the only way time enters).
+//! - `fds`: the descriptor budget and quotas. `segments`: ring sizes, memfd names, and
+//!   segment-creation failures.
 //! - `stats`: the STATS document. `invariants`: what must hold after every event.
+//! - `state`: the records the rooms share (client, topic, slot, publisher, subscriber).
 //!
-//! This file is longer than the rooms (about 750 lines) because it holds what they share: the
-//! engine's types (`Out`, the client, topic, slot, publisher and subscriber records) and the
-//! events without a room of their own (sends, ticks and deadlines).
+//! This file holds the engine's public face ([`Out`], [`Engine`] and its event entry points)
+//! and the send path every room uses.
 
 mod fds;
 mod invariants;
 mod publishers;
 mod registry;
 mod relay;
+mod segments;
 mod session;
 mod stall;
+mod state;
 mod stats;
 mod subscribers;
+mod timers;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
@@ -63,6 +68,8 @@ use bus_core::wake::protocol;
 
 use crate::config::TopicDecl;
 use crate::policy::{Op, Policy};
+use segments::*;
+use state::*;
 
 /// A connection, numbered by the driver: unique for the broker's lifetime, never reused.
 pub type ConnId = u64;
@@ -177,202 +184,6 @@ const RELAY_STEPS: usize = 1024;
 /// How soon a datagram publisher's backlog is retried.
 const BACKLOG_RETRY: Duration = Duration::from_millis(1);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    AwaitingHello { deadline: Instant },
-    Ready,
-}
-
-struct Client {
-    creds: Creds,
-    gids: Vec<u32>,
-    name: String,
-    phase: Phase,
-    transport: Transport,
-    publishers: Vec<u64>,
-    subscribers: Vec<u64>,
-    /// Frames handed to the driver and not yet reported sent ([`Engine::on_sent`]): the one
-    /// count of a client's send queue. Past [`Engine::unsent_limit`] it is dropped.
-    inflight: u32,
-    /// It passed [`Engine::unsent_limit`]: it is dropped at the next [`Engine::poll_out`], and
-    /// nothing more is sent to it.
-    unread: bool,
-    /// Reads are paused ([`Out::PauseReads`]) until its publishers' backlogs drain.
-    paused: bool,
-    /// File descriptors the broker holds for its publishers and subscribers
-    /// (`limits.max_fds_per_client`).
-    fds: u32,
-}
-
-struct Topic {
-    id: u64,
-    name: String,
-    mode: Mode,
-    ring_bytes: u64,
-    max_message_bytes: u32,
-    stall_timeout: Duration,
-    declared: bool,
-    /// Ring size and message limit are fixed once declared or once a publisher created a ring;
-    /// a topic made by a subscriber takes them from its first publisher.
-    geometry_fixed: bool,
-    slots: [Slot; bus_core::layout::CURSOR_SLOTS],
-    publishers: Vec<u64>,
-    subscribers: Vec<u64>,
-    evictions: u64,
-}
-
-/// A publisher slot of a topic: the index of the cursor each subscriber keeps for that
-/// publisher's ring, in its cursor page.
-#[derive(Debug, Default)]
-enum Slot {
-    #[default]
-    Free,
-    /// Held by this publisher.
-    Used(u64),
-    /// Its publisher left, but subscribers may still read its ring (they drain it, then send
-    /// RING_RELEASED): their cursor for this slot still describes the old ring, so a new
-    /// reliable publisher must not read it as theirs. Free once no holder is left.
-    Draining(Box<Draining>),
-}
-
-/// A slot whose publisher left while subscribers still read its ring.
-#[derive(Debug)]
-struct Draining {
-    publisher: u64,
-    /// The broker's read-only view of the old ring (it keeps the ring mapped), to tell a
-    /// holder's real progress from a number it writes.
-    monitor: Option<Reader>,
-    /// Where the old ring's writer stopped.
-    end: u64,
-    holders: Vec<Holder>,
-}
-
-/// A subscriber still reading a departed publisher's ring.
-#[derive(Clone, Copy, Debug)]
-struct Holder {
-    sid: u64,
-    /// The furthest record boundary of the old ring it has been seen at.
-    high_water: u64,
-    /// Its cursor has been seen on the old ring (so "detached" now means it let go).
-    attached: bool,
-    /// Since when it has made no progress.
-    since: Instant,
-}
-
-const FREE_SLOTS: [Slot; bus_core::layout::CURSOR_SLOTS] =
-    [const { Slot::Free }; bus_core::layout::CURSOR_SLOTS];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Life {
-    Pending,
-    Live,
-}
-
-struct Publisher {
-    id: u64,
-    topic: u64,
-    conn: ConnId,
-    slot: u16,
-    transport: Transport,
-    life: Life,
-    ring_fd: Arc<OwnedFd>,
-    /// The broker's read-only view, once live: for stats and stall detection.
-    monitor: Option<Reader>,
-    /// Datagram publishers: the broker is the ring's writer.
-    writer: Option<Writer>,
-    backlog: VecDeque<Vec<u8>>,
-    refused: u64,
-    /// When it became live, in the engine's event order (see `Engine::live_clock`).
-    live_seq: u64,
-    /// A datagram publisher that was closed (CLOSE_PUBLISHER, or its client left) while
-    /// messages it had been told were accepted still waited in `backlog`: it stays until they
-    /// are written, then goes. Holds the CLOSE_PUBLISHER to answer once they are.
-    closing: Option<Closing>,
-    /// Subscribers that said RING_RELEASED for this ring: they read no more of it, so they are
-    /// neither waited for nor judged on it.
-    released: BTreeSet<u64>,
-    /// File descriptors the broker holds for it: the ring.
-    fds: u32,
-}
-
-/// A datagram publisher's deferred removal (see [`Publisher::closing`]).
-#[derive(Clone, Copy, Debug)]
-struct Closing {
-    /// The CLOSE_PUBLISHER request to answer with OK, if its connection is still there.
-    reply: Option<(ConnId, u64)>,
-    reason: PeerGoneReason,
-}
-
-/// What the stall check knows about one (subscriber, publisher) pair.
-#[derive(Clone, Copy, Debug)]
-struct Stall {
-    /// The furthest position this subscriber has provably reached in the ring (a record
-    /// boundary the writer wrote). Honest cursors only grow; moving back and forth below this
-    /// frees nothing, so it is no progress.
-    high_water: u64,
-    /// Since when it has made no progress while the writer waits for it.
-    since: Instant,
-    /// The subscriber was nudged through its wake socket in this episode.
-    woken: bool,
-    /// Its cursor has been seen attached to this ring (not "detached").
-    attached: bool,
-}
-
-struct DatagramSub {
-    page: Arc<CursorPage>,
-    readers: ReaderSet,
-    token: u64,
-    delivered: u64,
-    lost: u64,
-    removed: Vec<u64>,
-    /// Publishers that left: their rings are read to the end, then dropped.
-    gone: Vec<u64>,
-    /// The next sequence number of each ring (for SKIPPED after a corrupt record).
-    next_seq: NextSeq,
-}
-
-/// Sequence number expected next, per publisher id (at most one entry per publisher slot).
-#[derive(Debug, Default)]
-struct NextSeq(Vec<(u64, u64)>);
-
-impl NextSeq {
-    fn note(&mut self, pid: u64, next: u64) {
-        match self.0.iter_mut().find(|(p, _)| *p == pid) {
-            Some(e) => e.1 = next,
-            None => self.0.push((pid, next)),
-        }
-    }
-
-    fn get(&self, pid: u64) -> u64 {
-        self.0.iter().find(|(p, _)| *p == pid).map_or(0, |e| e.1)
-    }
-
-    fn forget(&mut self, pid: u64) {
-        self.0.retain(|(p, _)| *p != pid);
-    }
-}
-
-struct Subscriber {
-    id: u64,
-    topic: u64,
-    conn: ConnId,
-    delivery: Transport,
-    life: Life,
-    cursor_fd: Arc<OwnedFd>,
-    wake_tx: Arc<OwnedFd>,
-    /// The broker's read-only view of the cursor page, once live.
-    view: Option<CursorView>,
-    /// Datagram subscribers: the broker reads the rings for it.
-    datagram: Option<DatagramSub>,
-    /// Stall tracking per publisher id.
-    stall: BTreeMap<u64, Stall>,
-    /// When it became live, in the engine's event order.
-    live_seq: u64,
-    /// File descriptors the broker holds for it: the cursor page and the wake socket's send
-    /// end; for datagram delivery also the wake socket's receive end (which the driver watches).
-    fds: u32,
-}
-
 /// The broker's state: clients, topics, rings.
 pub struct Engine {
     limits: Limits,
@@ -433,76 +244,6 @@ fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Reliable => "reliable",
         Mode::Lossy => "lossy",
-    }
-}
-
-/// The ring size a request for `ring_bytes` (non-zero) gets: the next power of two, at least
-/// [`MIN_DATA_BYTES`]; `None` if that does not fit in a u64 (a request near 2^64 must be
-/// refused, never wrapped).
-fn ring_size_for(ring_bytes: u64) -> Option<u64> {
-    ring_bytes
-        .max(MIN_DATA_BYTES as u64)
-        .checked_next_power_of_two()
-}
-
-/// Longest memfd name Linux accepts (`memfd_create`: 249 bytes plus the NUL).
-const MEMFD_NAME_BYTES: usize = 249;
-
-/// A memfd name for a topic's segment, `membus:<topic>:<suffix>`, with the topic cut on a
-/// character boundary so that the name always fits (the name is for people reading
-/// /proc/PID/fd; nothing looks a segment up by it).
-fn memfd_name(topic: &str, suffix: std::fmt::Arguments<'_>) -> String {
-    let suffix = suffix.to_string();
-    let room = MEMFD_NAME_BYTES - "membus:".len() - 1 - suffix.len();
-    let topic = &topic[..topic.floor_char_boundary(room)];
-    format!("membus:{topic}:{suffix}")
-}
-
-/// Descriptors the broker holds for a subscriber: cursor page and wake send end; for datagram
-/// delivery also the wake receive end (which the driver watches).
-fn subscriber_fds(delivery: Transport) -> u32 {
-    match delivery {
-        Transport::Shm => 2,
-        _ => 3,
-    }
-}
-
-/// Whether a segment error (or one of its sources) is EMFILE / ENFILE.
-fn out_of_fds(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(io.raw_os_error(), Some(23 | 24))
-        {
-            return true;
-        }
-        if let Some(errno) = err.downcast_ref::<rustix::io::Errno>()
-            && matches!(*errno, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
-/// A segment could not be created: out of descriptors is the broker's limit, not an internal
-/// fault.
-fn segment_error(what: &str, e: impl std::fmt::Display, fds_out: bool) -> Reject {
-    if fds_out {
-        reject(
-            ErrorCode::LimitReached,
-            format!(
-                "cannot create the {what}: the broker is out of file descriptors ({e}); raise \
-                 its limit (ulimit -n, LimitNOFILE=) or lower limits.max_clients / \
-                 limits.max_fds_per_client"
-            ),
-        )
-    } else {
-        reject(
-            ErrorCode::Internal,
-            format!("cannot create the {what}: {e}"),
-        )
     }
 }
 
@@ -737,101 +478,6 @@ impl Engine {
             self.pump_datagram(sid);
         }
     }
-
-    /// Time passed; call at [`Engine::next_deadline`] (or later).
-    pub fn on_tick(&mut self, now: Instant) {
-        self.now = now;
-        self.drop_stale_hello_deadlines();
-        let mut expired = Vec::new();
-        while let Some(&(deadline, conn)) = self.hello_deadlines.front() {
-            if deadline > now {
-                break;
-            }
-            self.hello_deadlines.pop_front();
-            if self.awaiting_hello(conn) {
-                expired.push(conn);
-            }
-        }
-        for conn in expired {
-            let msg = format!(
-                "no HELLO within {} ms of connecting; send HELLO first",
-                self.limits.handshake_timeout_ms
-            );
-            self.send_error(conn, 0, ErrorCode::Timeout, &msg);
-            self.close(conn);
-        }
-        let backlogged: Vec<u64> = self
-            .publishers
-            .values()
-            .filter(|p| !p.backlog.is_empty())
-            .map(|p| p.id)
-            .collect();
-        for pid in backlogged {
-            self.flush_backlog(pid);
-        }
-        if !self.needs_stall_checks() {
-            self.next_stall_check = None;
-        } else {
-            match self.next_stall_check {
-                Some(t) if t <= now => {
-                    self.check_stalls(now);
-                    self.next_stall_check = Some(now + STALL_CHECK_EVERY);
-                }
-                Some(_) => {}
-                None => self.next_stall_check = Some(now + STALL_CHECK_EVERY),
-            }
-        }
-        let datagram_subs: Vec<u64> = self
-            .subscribers
-            .values()
-            .filter(|s| s.datagram.is_some())
-            .map(|s| s.id)
-            .collect();
-        self.pump_again.clear();
-        for sid in datagram_subs {
-            self.pump_datagram(sid);
-        }
-        self.flush_relays();
-    }
-
-    /// When the engine next needs [`Engine::on_tick`]; `None`: not until another event.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        let handshake = self
-            .hello_deadlines
-            .iter()
-            .find(|&&(_, conn)| self.awaiting_hello(conn))
-            .map(|&(deadline, _)| deadline);
-        let backlog = self
-            .publishers
-            .values()
-            .any(|p| !p.backlog.is_empty())
-            .then(|| self.now + BACKLOG_RETRY);
-        let stall = if self.needs_stall_checks() {
-            Some(
-                self.next_stall_check
-                    .unwrap_or(self.now + STALL_CHECK_EVERY),
-            )
-        } else {
-            None
-        };
-        let relay = (!self.pump_again.is_empty()).then_some(self.now);
-        [handshake, backlog, stall, relay]
-            .into_iter()
-            .flatten()
-            .min()
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // Requests
-    // -----------------------------------------------------------------------------------------
-
-    // -----------------------------------------------------------------------------------------
-    // Datagram fallback relay
-    // -----------------------------------------------------------------------------------------
-
-    // -----------------------------------------------------------------------------------------
-    // Stalled reliable subscribers
-    // -----------------------------------------------------------------------------------------
 }
 
 #[cfg(test)]
