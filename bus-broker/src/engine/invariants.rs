@@ -1,9 +1,10 @@
 //! What must hold of the engine's state after every event: its tables point at each other
 //! both ways, every limit is respected, every descriptor is accounted for. Checked by the
 //! simulation test after every step (`tests/sim.rs`) and by the unit tests; cheap enough for
-//! tests, too slow (a walk over everything) for the event loop.
+//! tests, too slow (a walk over everything) for the event loop. The event loop asserts the
+//! per-client part at each boundary instead ([`Engine::assert_client`]).
 
-use super::{DATAGRAM_BACKLOG_LIMIT, Engine, Life, Slot, Transport, subscriber_fds};
+use super::{ConnId, DATAGRAM_BACKLOG_LIMIT, Engine, Life, Slot, Transport, subscriber_fds};
 
 impl Engine {
     /// Checks every invariant of the engine's state; the first one broken is the error.
@@ -294,5 +295,61 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+impl Engine {
+    /// The cheap half of [`Engine::check_invariants`], asserted at the engine's boundary after
+    /// every event that concerns one client (connect, frame, sends completed): what that client
+    /// holds is bounded and points back at it. It costs O(what the client holds), which its
+    /// quotas bound, so it runs in release builds too: a broken engine stops loudly instead of
+    /// serving from corrupt state.
+    pub(super) fn assert_client(&self, conn: ConnId) {
+        assert!(
+            self.clients.len() <= self.limits.max_clients as usize,
+            "{} clients, over limits.max_clients {}",
+            self.clients.len(),
+            self.limits.max_clients
+        );
+        let Some(c) = self.clients.get(&conn) else {
+            return; // Gone (closed, dropped, refused): nothing of it may remain.
+        };
+        assert!(
+            c.unread || c.inflight <= self.unsent_limit(),
+            "client {conn} has {} frames unsent, over the limit {}, yet is not being dropped",
+            c.inflight,
+            self.unsent_limit()
+        );
+        assert!(
+            c.fds <= self.limits.max_fds_per_client,
+            "client {conn} holds {} descriptors, over limits.max_fds_per_client {}",
+            c.fds,
+            self.limits.max_fds_per_client
+        );
+        assert!(
+            c.publishers.len() + c.subscribers.len() <= self.limits.max_fds_per_client as usize,
+            "client {conn} has more ports than descriptors could back"
+        );
+        for pid in &c.publishers {
+            let p = self.publishers.get(pid);
+            assert!(
+                p.is_some_and(|p| p.conn == conn && self.topics.contains_key(&p.topic)),
+                "client {conn} lists publisher {pid}, which is not its own or has no topic"
+            );
+        }
+        for sid in &c.subscribers {
+            let s = self.subscribers.get(sid);
+            assert!(
+                s.is_some_and(|s| s.conn == conn && self.topics.contains_key(&s.topic)),
+                "client {conn} lists subscriber {sid}, which is not its own or has no topic"
+            );
+        }
+        assert!(
+            !c.paused
+                || c.publishers
+                    .iter()
+                    .any(|pid| !self.publishers[pid].backlog.is_empty()),
+            "client {conn} is paused with no backlog to wait for"
+        );
     }
 }

@@ -370,7 +370,15 @@ impl Engine {
         }
     }
 
+    /// Moves the engine's clock to `now`, never back: a caller's instant older than one it
+    /// already gave (a tick time taken before the frames of the same loop turn) leaves the
+    /// clock where it is, so deadlines computed from it never move earlier.
+    fn advance(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
     fn alloc_id(&mut self) -> u64 {
+        assert!(self.next_id < u64::MAX, "engine ids exhausted");
         let id = self.next_id;
         self.next_id += 1;
         id
@@ -435,12 +443,17 @@ impl Engine {
         let Some(c) = self.clients.get_mut(&conn) else {
             return;
         };
+        assert!(
+            frames <= c.inflight,
+            "the driver reports {frames} frames sent to {conn}, but only {} were handed to it",
+            c.inflight
+        );
         let had_no_credit = c.inflight >= DELIVER_CREDIT;
-        c.inflight = c.inflight.saturating_sub(frames);
+        c.inflight -= frames;
         // A subscriber's relay only stops for lack of credit: with credit to spare nothing
         // waits on this (and the common case, a send that completed at once, costs nothing).
         if !had_no_credit {
-            return;
+            return self.assert_client(conn);
         }
         // By index: pumping never adds or removes this client's subscribers, and cloning the
         // list would allocate per send.
@@ -454,6 +467,7 @@ impl Engine {
             }
         }
         self.flush_relays();
+        self.assert_client(conn);
     }
 
     /// Hands back a frame buffer the driver is done with (sent at once), so the relay can

@@ -6,7 +6,11 @@ impl Engine {
     /// A connection was accepted. Returns false if it was refused (an error frame and a Close
     /// are queued).
     pub fn on_connect(&mut self, conn: ConnId, creds: Creds, now: Instant) -> bool {
-        self.now = now;
+        assert!(
+            !self.clients.contains_key(&conn),
+            "connection {conn} is already known: the driver must never reuse a ConnId"
+        );
+        self.advance(now);
         let client = Client {
             creds,
             gids: self.policy.client_gids(creds.uid, creds.gid),
@@ -35,8 +39,10 @@ impl Engine {
             );
             self.send_error(conn, 0, ErrorCode::LimitReached, &msg);
             self.close(conn);
+            self.assert_client(conn);
             return false;
         }
+        self.assert_client(conn);
         true
     }
 
@@ -78,12 +84,18 @@ impl Engine {
     /// One datagram arrived on `conn`, with the fds that came with it (already `OwnedFd`s).
     /// Client requests never carry fds in protocol version 1: any that came are closed.
     pub fn on_frame(&mut self, conn: ConnId, datagram: &[u8], fds: &mut FdBatch, now: Instant) {
-        self.now = now;
+        self.advance(now);
         let got_fds = fds.len();
         fds.clear();
         if !self.clients.contains_key(&conn) {
             return;
         }
+        self.dispatch_frame(conn, datagram, got_fds);
+        self.assert_client(conn);
+    }
+
+    /// [`Engine::on_frame`] for a known client, its fds already closed (`got_fds` of them).
+    fn dispatch_frame(&mut self, conn: ConnId, datagram: &[u8], got_fds: usize) {
         let frame = match Frame::decode(datagram) {
             Ok(f) => f,
             Err(e) => return self.bad_frame(conn, datagram, e),

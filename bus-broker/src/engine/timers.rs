@@ -8,7 +8,8 @@ use super::*;
 impl Engine {
     /// Time passed; call at [`Engine::next_deadline`] (or later).
     pub fn on_tick(&mut self, now: Instant) {
-        self.now = now;
+        self.advance(now);
+        let now = self.now;
         self.drop_stale_hello_deadlines();
         let mut expired = Vec::new();
         while let Some(&(deadline, conn)) = self.hello_deadlines.front() {

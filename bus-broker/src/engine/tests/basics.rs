@@ -543,3 +543,30 @@ fn full_relay_pauses_the_publisher_instead_of_refusing() {
         assert_eq!(payload[..], (i as u32).to_le_bytes(), "in order");
     }
 }
+
+#[test]
+#[should_panic(expected = "were handed to it")]
+fn more_sends_reported_than_handed_out_is_a_driver_bug_caught_at_the_boundary() {
+    let mut h = Harness::new();
+    h.connect(1); // HELLO and WELCOME, whose send the harness reported: nothing is unsent.
+    h.e.on_sent(1, 1);
+}
+
+#[test]
+#[should_panic(expected = "must never reuse a ConnId")]
+fn a_reused_connection_id_is_caught_at_the_boundary() {
+    let mut h = Harness::new();
+    h.connect(1);
+    h.e.on_connect(1, creds(), h.now);
+}
+
+#[test]
+fn the_engine_clock_never_runs_back() {
+    let mut h = Harness::new();
+    let start = h.now;
+    h.e.on_tick(start + Duration::from_secs(5));
+    // A frame stamped before that tick (the driver took its time earlier in the same turn).
+    h.e.on_connect(1, creds(), start);
+    let uptime = h.e.stats_json()["broker"]["uptime_ms"].as_u64().unwrap();
+    assert!(uptime >= 5_000, "uptime went back to {uptime} ms");
+}
