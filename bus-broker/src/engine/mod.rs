@@ -69,6 +69,7 @@ use bus_core::wake::protocol;
 use crate::config::TopicDecl;
 use crate::policy::{Op, Policy};
 use segments::*;
+pub use segments::{Memfd, SegmentFactory};
 use state::*;
 
 /// A connection, numbered by the driver: unique for the broker's lifetime, never reused.
@@ -230,6 +231,8 @@ pub struct Engine {
     /// [`Engine::set_fd_budget`]), and how many it holds.
     fd_budget: u64,
     fds_used: u64,
+    /// Where new segments and wake sockets come from ([`Engine::set_segment_factory`]).
+    segments: Box<dyn SegmentFactory>,
 }
 
 fn mode_of(req: ModeRequest) -> Option<Mode> {
@@ -295,6 +298,7 @@ impl Engine {
             pump_again: Vec::new(),
             fd_budget: u64::MAX,
             fds_used: 0,
+            segments: Box::new(Memfd),
         };
         for d in e.decls.clone() {
             let id = e.alloc_id();
@@ -314,6 +318,12 @@ impl Engine {
             });
         }
         e
+    }
+
+    /// Replaces where new segments and wake sockets come from (default: [`Memfd`]). For tests
+    /// that make creation fail; the broker keeps the default.
+    pub fn set_segment_factory(&mut self, factory: Box<dyn SegmentFactory>) {
+        self.segments = factory;
     }
 
     /// Replaces the policy (SIGHUP reload succeeded). Existing publishers and subscribers stay.

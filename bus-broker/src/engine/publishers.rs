@@ -49,7 +49,8 @@ impl Engine {
         let (ring_bytes, mode, max_msg) = (topic.ring_bytes, topic.mode, topic.max_message_bytes);
         let pid = self.alloc_id();
         let name = memfd_name(req.topic, format_args!("p{pid}"));
-        let ring_fd = create_ring(&name, ring_bytes as usize)
+        let ring_fd = (self.segments)
+            .create_ring(&name, ring_bytes as usize)
             .map_err(|e| segment_error("ring", &e, out_of_fds(&e)))?;
         let mut p = Publisher {
             id: pid,

@@ -1,8 +1,45 @@
-//! The broker as the memfd factory: how a requested ring size is rounded, how segments are
-//! named for people reading /proc/PID/fd, how many descriptors a subscriber costs, and how a
-//! failure to create one is reported (out of descriptors is a limit, not a fault).
+//! The broker as the memfd factory: where segments and wake sockets come from
+//! ([`SegmentFactory`]), how a requested ring size is rounded, how segments are named for
+//! people reading /proc/PID/fd, how many descriptors a subscriber costs, and how a failure to
+//! create one is reported (out of descriptors is a limit, not a fault).
 
 use super::*;
+
+use bus_core::segment::SegmentError;
+use bus_core::wake::{WakeError, WakeReceiver, WakeSender};
+
+/// Where the engine gets the descriptors it creates: sealed memfds for rings and cursor pages,
+/// and the socket pair of a subscriber's wake channel. Creating one is the engine's only
+/// system call that can fail for reasons outside the protocol (descriptor and memory limits),
+/// so it is a seam: the broker uses [`Memfd`]; the simulation test injects a factory that
+/// fails on purpose, to prove a refused creation leaves nothing behind. Mapping and sealing a
+/// segment the engine already holds stay direct calls: they act on its own descriptors.
+pub trait SegmentFactory: Send {
+    /// A sealable memfd for a ring of `data_bytes` (see `bus_core::segment::create_ring`).
+    fn create_ring(&mut self, name: &str, data_bytes: usize) -> Result<OwnedFd, SegmentError>;
+    /// A sealable memfd for a cursor page (see `bus_core::segment::create_cursor_page`).
+    fn create_cursor_page(&mut self, name: &str) -> Result<OwnedFd, SegmentError>;
+    /// A subscriber's wake socket pair (see `bus_core::wake::pair`).
+    fn wake_pair(&mut self) -> Result<(WakeSender, WakeReceiver), WakeError>;
+}
+
+/// The real factory: `memfd_create` and `socketpair`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Memfd;
+
+impl SegmentFactory for Memfd {
+    fn create_ring(&mut self, name: &str, data_bytes: usize) -> Result<OwnedFd, SegmentError> {
+        create_ring(name, data_bytes)
+    }
+
+    fn create_cursor_page(&mut self, name: &str) -> Result<OwnedFd, SegmentError> {
+        create_cursor_page(name)
+    }
+
+    fn wake_pair(&mut self) -> Result<(WakeSender, WakeReceiver), WakeError> {
+        bus_core::wake::pair()
+    }
+}
 
 /// The ring size a request for `ring_bytes` (non-zero) gets: the next power of two, at least
 /// [`MIN_DATA_BYTES`]; `None` if that does not fit in a u64 (a request near 2^64 must be

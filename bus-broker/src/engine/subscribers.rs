@@ -46,10 +46,13 @@ impl Engine {
         let mode = topic.mode;
         let sid = self.alloc_id();
         let internal = |e: String| reject(ErrorCode::Internal, e);
-        let cursor_fd = create_cursor_page(&memfd_name(req.topic, format_args!("s{sid}")))
+        let cursor_fd = (self.segments)
+            .create_cursor_page(&memfd_name(req.topic, format_args!("s{sid}")))
             .map_err(|e| segment_error("cursor page", &e, out_of_fds(&e)))?;
-        let (tx, rx) =
-            bus_core::wake::pair().map_err(|e| segment_error("wake socket", &e, out_of_fds(&e)))?;
+        let (tx, rx) = self
+            .segments
+            .wake_pair()
+            .map_err(|e| segment_error("wake socket", &e, out_of_fds(&e)))?;
         let mut s = Subscriber {
             id: sid,
             topic: tid,

@@ -17,10 +17,15 @@
 //! each run covered.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::*;
 
 use bus_core::frame::{MAX_DATAGRAM_MESSAGE_BYTES, MAX_PUBLISH_PAYLOAD_BYTES, SkipReason, Skipped};
+use bus_core::segment::SegmentError;
+use bus_core::wake::{WakeError, WakeReceiver, WakeSender};
+
+use crate::engine::{Memfd, SegmentFactory};
 
 mod actions;
 
@@ -110,6 +115,53 @@ struct Sim {
     joined: BTreeMap<(u64, u64), u64>,
     /// Pairs whose stream ended with a corrupt-ring SKIPPED (owed nothing more).
     excused: BTreeSet<(u64, u64)>,
+    /// Segment and wake-socket creations the factory failed on purpose.
+    failed: Arc<AtomicU64>,
+}
+
+/// A segment factory that fails now and then, as `memfd_create` and `socketpair` do when the
+/// broker runs out of descriptors (EMFILE: `limit-reached`) or memory (ENOMEM: `internal`):
+/// a refused creation must leave no slot, topic, descriptor or id half-taken.
+struct Flaky {
+    rng: Rng,
+    failed: Arc<AtomicU64>,
+}
+
+impl Flaky {
+    fn fail(&mut self) -> Option<rustix::io::Errno> {
+        if !self.rng.chance(4) {
+            return None;
+        }
+        self.failed.fetch_add(1, Relaxed);
+        Some(if self.rng.chance(50) {
+            rustix::io::Errno::MFILE
+        } else {
+            rustix::io::Errno::NOMEM
+        })
+    }
+}
+
+impl SegmentFactory for Flaky {
+    fn create_ring(&mut self, name: &str, data_bytes: usize) -> Result<OwnedFd, SegmentError> {
+        match self.fail() {
+            Some(source) => Err(SegmentError::Create { source }),
+            None => Memfd.create_ring(name, data_bytes),
+        }
+    }
+
+    fn create_cursor_page(&mut self, name: &str) -> Result<OwnedFd, SegmentError> {
+        match self.fail() {
+            Some(source) => Err(SegmentError::Create { source }),
+            None => Memfd.create_cursor_page(name),
+        }
+    }
+
+    fn wake_pair(&mut self) -> Result<(WakeSender, WakeReceiver), WakeError> {
+        match self.fail() {
+            Some(e) => Err(WakeError::Create(e.into())),
+            None => Memfd.wake_pair(),
+        }
+    }
 }
 
 /// What a run exercised, so that the test can tell it covered the interesting paths.
@@ -129,6 +181,8 @@ struct Seen {
     /// Checked pairs whose publisher had messages wait in its backlog after the subscriber
     /// joined: the end-of-run check covered the backlog's retry path.
     owed_backlogged: u64,
+    /// Creations the factory failed on purpose.
+    creation_failed: u64,
 }
 
 impl Seen {
@@ -143,6 +197,7 @@ impl Seen {
         self.owed_checked += o.owed_checked;
         self.backlogged += o.backlogged;
         self.owed_backlogged += o.owed_backlogged;
+        self.creation_failed += o.creation_failed;
     }
 }
 
@@ -159,7 +214,13 @@ impl Sim {
         };
         let mut h = Harness::with(limits, Policy::default_for(own_uid()));
         h.e.set_fd_budget(120);
+        let failed = Arc::new(AtomicU64::new(0));
+        h.e.set_segment_factory(Box::new(Flaky {
+            rng: Rng(seed.rotate_left(17) | 1),
+            failed: failed.clone(),
+        }));
         Sim {
+            failed,
             rng: Rng(seed | 1),
             h,
             clients: Vec::new(),
@@ -434,6 +495,7 @@ fn run(seed: u64, steps: u64) -> Seen {
             serde_json::to_string_pretty(&sim.h.e.stats_json()).unwrap()
         );
     }
+    sim.seen.creation_failed = sim.failed.load(Relaxed);
     sim.seen
 }
 
@@ -469,6 +531,7 @@ fn simulation_fixed_seeds() {
         owed_checked,
         backlogged,
         owed_backlogged,
+        creation_failed,
     } = seen;
     assert!(
         delivers > 100
@@ -480,7 +543,8 @@ fn simulation_fixed_seeds() {
             && released > 0
             && owed_checked > 10
             && backlogged > 0
-            && owed_backlogged > 0,
+            && owed_backlogged > 0
+            && creation_failed > 0,
         "the fixed seeds cover too little: {seen:?}"
     );
 }
