@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bus_client::{ModeRequest, SubscriberOptions, TopicOptions, WaitStrategy};
 
-use crate::harness::{Broker, ChildClient, check_pattern, eventually, pattern};
+use crate::harness::{Broker, BrokerExt, ChildClient, check_pattern, eventually, pattern};
 
 #[test]
 fn hundred_thousand_random_messages_across_processes() {
