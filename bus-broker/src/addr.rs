@@ -674,7 +674,6 @@ fn bind_abstract(name: &[u8]) -> Result<Listener, AddrError> {
 /// True on that reset (or a refused connect: bound but not listening); false on any answer,
 /// or on nothing before `deadline`.
 fn abstract_owner_gone(addr: &SocketAddrUnix, deadline: Instant) -> bool {
-    use rustix::event::{PollFd, PollFlags, Timespec, poll};
     let Ok(fd) = seqpacket_socket(SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) else {
         return false;
     };
@@ -706,16 +705,9 @@ fn abstract_owner_gone(addr: &SocketAddrUnix, deadline: Instant) -> bool {
         if left.is_zero() {
             return false;
         }
-        let timeout = Timespec {
-            tv_sec: left.as_secs() as i64,
-            tv_nsec: i64::from(left.subsec_nanos()),
-        };
-        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-        match poll(&mut fds, Some(&timeout)) {
-            Ok(0) => return false,
-            Ok(_) => {}
-            Err(Errno::INTR) => continue,
-            Err(_) => return false,
+        match bus_core::wake::wait_readable(fd.as_fd(), Some(left)) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return false,
         }
         let mut buf = [0u8; 64];
         return match rustix::net::recv(&fd, &mut buf, RecvFlags::DONTWAIT) {

@@ -308,15 +308,9 @@ pub fn demo_pub(args: &[String]) -> Result<()> {
         bus_client::BusOptions::new().client_name("bus demo pub"),
     )?;
     let mut publisher = bus.publisher_with(&topic, TopicOptions::new())?;
-    let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
-    let start = Instant::now();
+    let mut pacer = crate::pace::Pacer::new(rate);
     for i in 0..count {
-        if let Some(iv) = interval {
-            let due = start + iv.mul_f64(i as f64);
-            while Instant::now() < due {
-                std::hint::spin_loop();
-            }
-        }
+        pacer.wait_next();
         let mut loan = publisher
             .loan(size)
             .map_err(|e| anyhow::anyhow!("publish: {e}"))?;

@@ -7,6 +7,7 @@
 #[cfg(feature = "bench")]
 mod bench;
 mod demo;
+mod pace;
 mod pubsub;
 mod stat;
 mod table;

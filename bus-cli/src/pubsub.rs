@@ -163,15 +163,10 @@ pub fn run_pub(a: PubArgs) -> Result<()> {
     let mut publisher = bus.publisher_with(&a.topic, opts)?;
     if let Some(count) = a.count {
         let mut sent = 0u64;
-        let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
         let start = Instant::now();
+        let mut pacer = crate::pace::Pacer::new(a.rate);
         for i in 0..count {
-            if let Some(iv) = interval {
-                let due = start + iv.mul_f64(i as f64);
-                while Instant::now() < due {
-                    std::hint::spin_loop();
-                }
-            }
+            pacer.wait_next();
             let mut loan = match publisher.loan(a.size) {
                 Ok(loan) => loan,
                 Err(e) => return Err(publish_failed(e, &publisher)),

@@ -6,66 +6,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bus_testkit::{Broker, Program, Start};
+
 const BUS: &str = env!("CARGO_BIN_EXE_bus");
 
-struct Broker {
-    child: Child,
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
+/// A `bus broker` on the `auto` driver.
+fn broker() -> Broker {
+    broker_with("auto", "")
 }
 
-impl Broker {
-    fn start() -> Broker {
-        Broker::start_with("auto", "")
-    }
-
-    /// A broker on `driver` (`auto`, `epoll`, `uring`) with `config` as its config file.
-    fn start_with(driver: &str, config: &str) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("bus.sock");
-        let config_file = dir.path().join("broker.toml");
-        std::fs::write(&config_file, config).unwrap();
-        let mut child = Command::new(BUS)
-            .args(["broker", "--socket"])
-            .arg(&socket)
-            .arg("--config")
-            .arg(&config_file)
-            .env("MEMBUS_LOG", "warn")
-            .env("MEMBUS_DRIVER", driver)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("listening on"), "broker start line: {line:?}");
-        Broker {
-            child,
-            _dir: dir,
-            socket,
-        }
-    }
-
-    fn bus(&self) -> Command {
-        let mut c = Command::new(BUS);
-        c.env("MEMBUS_SOCKET", &self.socket).stdin(Stdio::null());
-        c
-    }
+/// A `bus broker` on `driver` (`auto`, `epoll`, `uring`) with `config` as its config file.
+fn broker_with(driver: &str, config: &str) -> Broker {
+    Start::new(Program::Bus).driver(driver).config(config).run()
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `bus` command against `b`.
+fn bus(b: &Broker) -> Command {
+    let mut c = Command::new(BUS);
+    c.env("MEMBUS_SOCKET", b.socket()).stdin(Stdio::null());
+    c
 }
 
 fn wait_for_subscriber(b: &Broker, topic: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = b.bus().args(["stat", "--json"]).output().unwrap();
+        let out = bus(b).args(["stat", "--json"]).output().unwrap();
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let ready = doc["topics"]
             .as_array()
@@ -85,16 +50,14 @@ fn wait_for_subscriber(b: &Broker, topic: &str) {
 
 #[test]
 fn pub_lines_reach_sub_in_order() {
-    let b = Broker::start();
-    let sub = b
-        .bus()
+    let b = broker();
+    let sub = bus(&b)
         .args(["sub", "cli.lines", "--count", "3", "--idle-timeout", "10"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     wait_for_subscriber(&b, "cli.lines");
-    let mut publisher = b
-        .bus()
+    let mut publisher = bus(&b)
         .args(["pub", "cli.lines"])
         .stdin(Stdio::piped())
         .spawn()
@@ -113,9 +76,8 @@ fn pub_lines_reach_sub_in_order() {
 
 #[test]
 fn generated_stream_with_json_output_and_latency() {
-    let b = Broker::start();
-    let sub = b
-        .bus()
+    let b = broker();
+    let sub = bus(&b)
         .args([
             "sub",
             "cli.gen",
@@ -130,8 +92,7 @@ fn generated_stream_with_json_output_and_latency() {
         .spawn()
         .unwrap();
     wait_for_subscriber(&b, "cli.gen");
-    let status = b
-        .bus()
+    let status = bus(&b)
         .args(["pub", "cli.gen", "--count", "1000", "--size", "100"])
         .status()
         .unwrap();
@@ -152,22 +113,21 @@ fn generated_stream_with_json_output_and_latency() {
 
 #[test]
 fn stat_json_parses_and_names_the_subscriber() {
-    let b = Broker::start();
-    let mut sub = b
-        .bus()
+    let b = broker();
+    let mut sub = bus(&b)
         .args(["sub", "cli.stat", "--idle-timeout", "10"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     wait_for_subscriber(&b, "cli.stat");
-    let out = b.bus().args(["stat", "--json"]).output().unwrap();
+    let out = bus(&b).args(["stat", "--json"]).output().unwrap();
     assert!(out.status.success());
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let t = &doc["topics"][0];
     assert_eq!(t["name"], "cli.stat");
     assert_eq!(t["subscribers"][0]["pid"], sub.id());
     assert_eq!(t["subscribers"][0]["command"], "bus");
-    let table = b.bus().arg("stat").output().unwrap();
+    let table = bus(&b).arg("stat").output().unwrap();
     assert!(String::from_utf8_lossy(&table.stdout).contains("topic cli.stat"));
     sub.kill().unwrap();
     sub.wait().unwrap();
@@ -444,16 +404,15 @@ fn next_line(
 /// names each on stderr, once, and goes on printing the honest publisher's messages.
 #[test]
 fn sub_warns_about_a_hostile_ring_and_keeps_reading() {
-    let b = Broker::start();
+    let b = broker();
     let topic = "cli.hostile";
 
     // Rewrites its header once the broker has checked it.
-    let mut rewriter = RawPublisher::create(&b.socket, topic);
+    let mut rewriter = RawPublisher::create(b.socket(), topic);
     rewriter.ready();
     rewriter.rewrite_header();
 
-    let mut sub = b
-        .bus()
+    let mut sub = bus(&b)
         // Spinning: the hand-made publisher sends no wake-ups to a parked subscriber.
         .args([
             "sub",
@@ -482,7 +441,7 @@ fn sub_warns_about_a_hostile_ring_and_keeps_reading() {
     wait_for_subscriber(&b, topic);
 
     // One good record, then a committed record whose length is absurd.
-    let mut garbler = RawPublisher::create(&b.socket, topic);
+    let mut garbler = RawPublisher::create(b.socket(), topic);
     let record = bus_core::layout::record_bytes(b"raw-ok".len()) as u64;
     garbler.plant_bad_record(record);
     garbler.ready();
@@ -497,8 +456,7 @@ fn sub_warns_about_a_hostile_ring_and_keeps_reading() {
     );
 
     // The honest publisher is still heard.
-    let status = b
-        .bus()
+    let status = bus(&b)
         .args(["pub", topic, "honest-1", "honest-2", "honest-3"])
         .status()
         .unwrap();
@@ -520,11 +478,11 @@ fn sub_warns_about_a_hostile_ring_and_keeps_reading() {
 
 fn limit_reached_at_connect_names_the_limit(driver: &str) {
     use bus_client::{Bus, ConnectError, ErrorCode};
-    let b = Broker::start_with(driver, "[limits]\nmax_clients = 2\n");
-    let _one = Bus::connect(&b.socket).expect("first client");
-    let _two = Bus::connect(&b.socket).expect("second client");
+    let b = broker_with(driver, "[limits]\nmax_clients = 2\n");
+    let _one = Bus::connect(b.socket()).expect("first client");
+    let _two = Bus::connect(b.socket()).expect("second client");
     for round in 0..50 {
-        match Bus::connect(&b.socket) {
+        match Bus::connect(b.socket()) {
             Err(ConnectError::Refused { error, .. }) => {
                 assert_eq!(
                     error.code,
@@ -541,7 +499,7 @@ fn limit_reached_at_connect_names_the_limit(driver: &str) {
         }
     }
     // And the command line says so too.
-    let out = b.bus().args(["pub", "cli.full", "x"]).output().unwrap();
+    let out = bus(&b).args(["pub", "cli.full", "x"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -565,10 +523,10 @@ fn limit_reached_at_connect_names_the_limit_uring() {
 
 #[test]
 fn overlong_topic_is_reported_once_with_the_naming_rule() {
-    let b = Broker::start();
+    let b = broker();
     let topic = "a".repeat(256);
     for args in [vec!["pub", &topic, "x"], vec!["sub", &topic]] {
-        let out = b.bus().args(args).output().unwrap();
+        let out = bus(&b).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.lines().count(), 1, "{err}");
@@ -579,8 +537,8 @@ fn overlong_topic_is_reported_once_with_the_naming_rule() {
 
 #[test]
 fn bad_topic_name_states_the_rule_not_a_denial() {
-    let b = Broker::start();
-    let out = b.bus().args(["pub", "a b", "x"]).output().unwrap();
+    let b = broker();
+    let out = bus(&b).args(["pub", "a b", "x"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not a topic name"), "{err}");
@@ -590,9 +548,8 @@ fn bad_topic_name_states_the_rule_not_a_denial() {
 
 #[test]
 fn fallback_message_over_the_datagram_limit_advises_shared_memory() {
-    let b = Broker::start();
-    let out = b
-        .bus()
+    let b = broker();
+    let out = bus(&b)
         .args([
             "pub",
             "cli.big",
@@ -625,14 +582,13 @@ fn broker_in_a_shared_sticky_directory_advises_a_private_one() {
     let shared = dir.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let out = Command::new(BUS)
-        .args(["broker", "--socket"])
-        .arg(shared.join("bus.sock"))
-        .env("MEMBUS_LOG", "off")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let refused = Start::new(Program::Bus)
+        .socket(shared.join("bus.sock"))
+        .log("off")
+        .try_run()
+        .expect_err("a broker started in a shared directory");
+    assert_eq!(refused.status.code(), Some(1));
+    let err = &refused.stderr;
     assert!(
         !err.contains("chmod go-w"),
         "a shared directory is meant to be writable: {err}"
@@ -644,36 +600,25 @@ fn broker_in_a_shared_sticky_directory_advises_a_private_one() {
         "{err}"
     );
     // The advice works: the broker creates that directory and starts there.
-    let mut child = Command::new(BUS)
-        .args(["broker", "--socket"])
-        .arg(private.join("bus.sock"))
-        .env("MEMBUS_LOG", "off")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening on"), "{line:?}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let b = Start::new(Program::Bus)
+        .socket(private.join("bus.sock"))
+        .log("off")
+        .run();
+    assert!(
+        b.start_line().contains("listening on"),
+        "{}",
+        b.start_line()
+    );
 }
 
 #[test]
 fn config_value_of_the_wrong_type_names_key_type_and_example() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("broker.toml");
-    std::fs::write(&config, "[limits]\nmax_clients = \"many\"\n").unwrap();
-    let out = Command::new(BUS)
-        .args(["broker", "--socket"])
-        .arg(dir.path().join("bus.sock"))
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let refused = Start::new(Program::Bus)
+        .config("[limits]\nmax_clients = \"many\"\n")
+        .try_run()
+        .expect_err("a broker started with a bad config value");
+    assert_eq!(refused.status.code(), Some(2));
+    let err = &refused.stderr;
     assert!(err.contains("limits.max_clients"), "names the key: {err}");
     assert!(err.contains("whole number"), "names the type: {err}");
     assert!(

@@ -1,73 +1,23 @@
 //! Runs every example against a real broker, as a user would (`cargo test` builds the examples
 //! and the broker binary next to this test).
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-fn target_dir() -> PathBuf {
-    // target/<profile>/deps/run-HASH -> target/<profile>
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_owned()
-}
+use bus_testkit::Broker;
 
-fn binary(rel: &str) -> PathBuf {
-    let p = target_dir().join(rel);
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (`cargo build -p bus-broker --examples` or run the \
-         workspace tests)",
-        p.display()
-    );
-    p
-}
-
-struct Broker {
-    child: Child,
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("bus.sock");
-        let mut child = Command::new(binary("bus-broker"))
-            .arg("--socket")
-            .arg(&socket)
-            .env("MEMBUS_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("listening"), "{line}");
-        Broker {
-            child,
-            _dir: dir,
-            socket,
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// An example program, built beside this test.
+fn example(name: &str) -> std::path::PathBuf {
+    bus_testkit::built_binary(
+        &format!("examples/{name}"),
+        "cargo build -p membus-examples --examples (or run the workspace tests)",
+    )
 }
 
 fn run_example(name: &str, args: &[&str]) -> String {
     let broker = Broker::start();
-    let out = Command::new(binary(&format!("examples/{name}")))
+    let out = Command::new(example(name))
         .args(args)
-        .env("MEMBUS_SOCKET", &broker.socket)
+        .env("MEMBUS_SOCKET", broker.socket())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -4,14 +4,10 @@
 //!
 //! No fixed sleeps: every wait polls for its condition against a deadline.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use bus_core::frame::{
     CreatePublisher, ErrorCode, Frame, HEADER_BYTES, Hello, MAGIC, ModeRequest, Msg, Publish,
@@ -19,137 +15,37 @@ use bus_core::frame::{
 };
 use bus_core::limits::MAX_FRAME_BYTES;
 use bus_core::sys::scm::{FdBatch, Received, recv_frame, send_frame, send_frame_with};
+use bus_testkit::{Broker, DEADLINE, Program, Start, wait_until};
 use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-use rustix::process::{Pid, Signal};
+use rustix::process::Signal;
 
-/// How long anything may take before a test fails (generous: CI machines are shared).
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Polls `cond` until it holds or [`DEADLINE`] passes.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
-    let mut pause = Duration::from_millis(1);
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting until {what}");
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
+/// A `bus-broker` on `driver`, logging at info (tests read the log). This process's fd limit
+/// is raised first, for the 1,000-client test (the broker inherits it).
+fn start_on(driver: &str) -> Start {
+    bus_testkit::raise_fd_limit(8192);
+    Start::new(Program::BusBroker).driver(driver).log("info")
 }
 
-/// Lets this process (and the brokers it starts, which inherit it) open enough fds for the
-/// 1,000-client test.
-fn raise_fd_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut limit = getrlimit(Resource::Nofile);
-    if let Some(max) = limit.maximum {
-        let want = max.min(8192);
-        if limit.current.is_none_or(|c| c < want) {
-            limit.current = Some(want);
-            let _ = setrlimit(Resource::Nofile, limit);
-        }
-    }
+/// A running broker on `DIR/bus.sock` of its own temporary directory.
+fn start(driver: &str) -> Broker {
+    start_on(driver).run()
 }
 
-/// A running broker. Killed (SIGKILL) on drop if still running.
-struct Broker {
-    child: Child,
-    pid: u32,
-    socket: PathBuf,
-    stderr: PathBuf,
-    start_line: String,
-}
-
-/// A broker that refused to start.
-struct Refused {
-    status: ExitStatus,
-    stderr: String,
-}
-
-fn start_in(driver: &str, dir: &Path, socket: &Path) -> Result<Broker, Refused> {
-    raise_fd_limit();
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let stderr = dir.join(format!("broker-{n}.stderr"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bus-broker"))
-        .arg("--socket")
-        .arg(socket)
-        .env("MEMBUS_DRIVER", driver)
-        .env("MEMBUS_LOG", "info")
-        .env_remove("MEMBUS_SOCKET")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDS")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(File::create(&stderr).unwrap())
-        .spawn()
-        .expect("spawn bus-broker");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(DEADLINE)
-        .expect("broker printed nothing in time");
-    if line.is_empty() {
-        let status = child.wait().unwrap();
-        return Err(Refused {
-            status,
-            stderr: std::fs::read_to_string(&stderr).unwrap_or_default(),
-        });
-    }
-    let pid = child.id();
-    Ok(Broker {
-        child,
-        pid,
-        socket: socket.to_owned(),
-        stderr,
-        start_line: line,
-    })
-}
-
-/// A temp dir with a broker on `DIR/bus.sock`.
-fn start(driver: &str) -> (tempfile::TempDir, Broker) {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("bus.sock");
-    let broker = start_in(driver, dir.path(), &socket)
-        .unwrap_or_else(|r| panic!("broker did not start ({}): {}", r.status, r.stderr));
-    (dir, broker)
-}
-
-impl Broker {
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .expect("broker's /proc/PID/fd")
-            .count()
-    }
-
-    fn signal(&self, sig: Signal) {
-        rustix::process::kill_process(Pid::from_raw(self.pid as i32).unwrap(), sig).unwrap();
-    }
-
-    /// Waits for the broker to exit.
-    fn wait_exit(&mut self) -> ExitStatus {
-        let mut status = None;
-        wait_until("the broker exits", || {
-            status = self.child.try_wait().unwrap();
-            status.is_some()
-        });
-        status.unwrap()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.socket)
-    }
-
+/// What these tests do with a broker beyond bus-testkit: raw protocol clients.
+trait BrokerExt {
+    fn client(&self) -> Client;
     /// The broker's fd count once it is idle, after one client came and went.
+    fn baseline(&self) -> usize;
+    /// A new client still gets a WELCOME.
+    fn still_serves(&self);
+}
+
+impl BrokerExt for Broker {
+    fn client(&self) -> Client {
+        Client::connect(self.socket())
+    }
+
     fn baseline(&self) -> usize {
         let c = self.client();
         c.hello();
@@ -157,45 +53,10 @@ impl Broker {
         self.settled_fds()
     }
 
-    /// The fd count once it stops changing.
-    fn settled_fds(&self) -> usize {
-        let mut last = self.open_fds();
-        let mut stable = 0;
-        wait_until("the broker's fd count settles", || {
-            let now = self.open_fds();
-            if now == last {
-                stable += 1;
-            } else {
-                stable = 0;
-                last = now;
-            }
-            stable >= 5
-        });
-        last
-    }
-
-    /// Waits until the broker's fd count is back to `baseline`.
-    fn expect_fds(&self, baseline: usize, after: &str) {
-        wait_until(
-            &format!("the broker's fd count returns to {baseline} after {after}"),
-            || self.open_fds() == baseline,
-        );
-    }
-
-    /// A new client still gets a WELCOME.
     fn still_serves(&self) {
         let c = self.client();
         c.hello();
         c.ping(77);
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -337,22 +198,22 @@ fn wait_reader_closed(write_end: &OwnedFd) {
 // The tests, each run per driver by `per_driver!` at the bottom.
 
 fn handshake(driver: &str) {
-    let (_dir, broker) = start(driver);
+    let broker = start(driver);
     let expected = if driver == "uring" {
         "io_uring"
     } else {
         "epoll"
     };
     assert!(
-        broker.start_line.starts_with("bus-broker ")
+        broker.start_line().starts_with("bus-broker ")
             && broker
-                .start_line
-                .contains(&format!("listening on {}", broker.socket.display()))
+                .start_line()
+                .contains(&format!("listening on {}", broker.socket().display()))
             && broker
-                .start_line
-                .contains(&format!("(driver: {expected}, pid {})", broker.pid)),
+                .start_line()
+                .contains(&format!("(driver: {expected}, pid {})", broker.pid())),
         "{}",
-        broker.start_line
+        broker.start_line()
     );
     let a = broker.client();
     let b = broker.client();
@@ -364,11 +225,11 @@ fn handshake(driver: &str) {
 }
 
 fn sigterm_exits_cleanly(driver: &str) {
-    let (_dir, mut broker) = start(driver);
+    let mut broker = start(driver);
     let client = broker.client();
     client.hello();
-    let lock = PathBuf::from(format!("{}.lock", broker.socket.display()));
-    assert!(broker.socket.exists() && lock.exists());
+    let lock = PathBuf::from(format!("{}.lock", broker.socket().display()));
+    assert!(broker.socket().exists() && lock.exists());
     broker.signal(Signal::TERM);
     // The client is told, then disconnected.
     let frame = client.recv().expect("SHUTDOWN, not end of stream");
@@ -380,56 +241,32 @@ fn sigterm_exits_cleanly(driver: &str) {
     client.expect_eof();
     let status = broker.wait_exit();
     assert_eq!(status.code(), Some(0), "stderr: {}", broker.stderr());
-    assert!(!broker.socket.exists(), "socket file removed");
+    assert!(!broker.socket().exists(), "socket file removed");
     assert!(!lock.exists(), "lock file removed");
 }
 
 fn sigint_exits_cleanly(driver: &str) {
-    let (_dir, mut broker) = start(driver);
+    let mut broker = start(driver);
     broker.signal(Signal::INT);
     assert_eq!(broker.wait_exit().code(), Some(0), "{}", broker.stderr());
-    assert!(!broker.socket.exists());
+    assert!(!broker.socket().exists());
 }
 
 fn sighup_with_bad_policy_keeps_running(driver: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("bus.sock");
-    let policy = dir.path().join("policy.toml");
     let uid = rustix::process::geteuid().as_raw();
-    std::fs::write(
-        &policy,
-        format!("[[allow]]\nusers = [{uid}]\npublish = [\"**\"]\nsubscribe = [\"**\"]\n"),
-    )
-    .unwrap();
-    let config = dir.path().join("broker.toml");
-    std::fs::write(&config, "policy = \"policy.toml\"\n").unwrap();
-    raise_fd_limit();
-    let stderr = dir.path().join("stderr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bus-broker"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--config")
-        .arg(&config)
-        .env("MEMBUS_DRIVER", driver)
-        .stdout(Stdio::piped())
-        .stderr(File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening on"), "{line}");
-    let pid = Pid::from_raw(child.id() as i32).unwrap();
+    let mut broker = start_on(driver)
+        .policy(format!(
+            "[[allow]]\nusers = [{uid}]\npublish = [\"**\"]\nsubscribe = [\"**\"]\n"
+        ))
+        .run();
+    let policy = broker.policy_path().unwrap();
 
     std::fs::write(&policy, "[[allow]]\nusers = [1]\npublish = [\"a.**\"]\n").unwrap();
-    rustix::process::kill_process(pid, Signal::HUP).unwrap();
+    broker.signal(Signal::HUP);
     wait_until("the reload error is logged", || {
-        std::fs::read_to_string(&stderr)
-            .unwrap()
-            .contains("policy not reloaded")
+        broker.stderr().contains("policy not reloaded")
     });
-    let log = std::fs::read_to_string(&stderr).unwrap();
+    let log = broker.stderr();
     assert!(log.contains("policy.toml:3:"), "line number in: {log}");
 
     std::fs::write(
@@ -437,54 +274,53 @@ fn sighup_with_bad_policy_keeps_running(driver: &str) {
         format!("[[allow]]\nusers = [{uid}]\npublish = [\"a.*\"]\n"),
     )
     .unwrap();
-    rustix::process::kill_process(pid, Signal::HUP).unwrap();
+    broker.signal(Signal::HUP);
     wait_until("the reload is logged", || {
-        std::fs::read_to_string(&stderr)
-            .unwrap()
-            .contains("policy reloaded")
+        broker.stderr().contains("policy reloaded")
     });
-    let c = Client::connect(&socket);
+    let c = broker.client();
     c.hello();
-    rustix::process::kill_process(pid, Signal::TERM).unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    broker.signal(Signal::TERM);
+    assert_eq!(broker.wait_exit().code(), Some(0));
 }
 
 fn second_broker_refuses(driver: &str) {
-    let (dir, broker) = start(driver);
-    let refused = match start_in(driver, dir.path(), &broker.socket) {
+    let broker = start(driver);
+    let refused = match start_on(driver).socket(broker.socket()).try_run() {
         Ok(_) => panic!("a second broker started on the same path"),
         Err(r) => r,
     };
     assert_ne!(refused.status.code(), Some(0));
     assert!(
-        refused.stderr.contains(&format!("pid {}", broker.pid)),
+        refused.stderr.contains(&format!("pid {}", broker.pid())),
         "names the running broker's pid: {}",
         refused.stderr
     );
     // The first one is unharmed.
-    assert!(broker.socket.exists());
+    assert!(broker.socket().exists());
     broker.still_serves();
 }
 
 fn takes_over_after_kill_9(driver: &str) {
-    let (dir, mut old) = start(driver);
-    old.client().hello();
-    old.signal(Signal::KILL);
-    old.wait_exit();
+    let mut broker = start(driver);
+    broker.client().hello();
+    broker.signal(Signal::KILL);
+    broker.wait_exit();
     assert!(
-        old.socket.exists(),
+        broker.socket().exists(),
         "a killed broker leaves its socket file"
     );
-    let new = start_in(driver, dir.path(), &old.socket)
-        .unwrap_or_else(|r| panic!("no takeover ({}): {}", r.status, r.stderr));
-    new.still_serves();
+    broker
+        .try_restart()
+        .unwrap_or_else(|r| panic!("no takeover: {r}"));
+    broker.still_serves();
 }
 
 fn regular_file_left_alone(driver: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.sock");
     std::fs::write(&path, b"not a socket").unwrap();
-    let refused = match start_in(driver, dir.path(), &path) {
+    let refused = match start_on(driver).socket(&path).try_run() {
         Ok(_) => panic!("the broker started over a regular file"),
         Err(r) => r,
     };
@@ -498,7 +334,7 @@ fn regular_file_left_alone(driver: &str) {
 }
 
 fn thousand_clients(driver: &str) {
-    let (_dir, broker) = start(driver);
+    let broker = start(driver);
     let baseline = broker.baseline();
     let clients: Vec<Client> = (0..1000).map(|_| broker.client()).collect();
     for c in &clients {
@@ -519,7 +355,7 @@ fn thousand_clients(driver: &str) {
 }
 
 fn killed_clients_release_fds(driver: &str) {
-    let (_dir, broker) = start(driver);
+    let broker = start(driver);
     let baseline = broker.baseline();
     // Each client socket is handed to a `sleep` process (as its stdin) and dropped here, so
     // that SIGKILL of that process is what closes it.
@@ -550,7 +386,7 @@ fn killed_clients_release_fds(driver: &str) {
 }
 
 fn empty_datagram_disconnects_only_that_client(driver: &str) {
-    let (_dir, broker) = start(driver);
+    let broker = start(driver);
     let baseline = broker.baseline();
     let bystander = broker.client();
     bystander.hello();
@@ -567,7 +403,7 @@ fn empty_datagram_disconnects_only_that_client(driver: &str) {
 
 /// Frames whose header cannot be trusted: ERROR, then disconnect.
 fn bad_headers_disconnect(driver: &str) {
-    let (_dir, broker) = start(driver);
+    let broker = start(driver);
     let baseline = broker.baseline();
     let ping = encode(Frame::new(3, Msg::Ping { token: 1 }));
 
@@ -613,7 +449,7 @@ fn bad_headers_disconnect(driver: &str) {
 
 /// Well-framed but invalid bodies: ERROR, connection kept.
 fn bad_bodies_keep_the_connection(driver: &str) {
-    let (_dir, broker) = start(driver);
+    let broker = start(driver);
     let baseline = broker.baseline();
     let c = broker.client();
     c.hello();
@@ -634,7 +470,7 @@ fn bad_bodies_keep_the_connection(driver: &str) {
 }
 
 fn unexpected_fds_are_closed(driver: &str) {
-    let (_dir, broker) = start(driver);
+    let broker = start(driver);
     let baseline = broker.baseline();
     let c = broker.client();
     c.hello();
@@ -656,7 +492,7 @@ fn unexpected_fds_are_closed(driver: &str) {
 }
 
 fn too_many_fds_truncated(driver: &str) {
-    let (_dir, broker) = start(driver);
+    let broker = start(driver);
     let baseline = broker.baseline();
     let c = broker.client();
     c.hello();
@@ -698,7 +534,7 @@ fn too_many_fds_truncated(driver: &str) {
 }
 
 fn subscribe_before_hello(driver: &str) {
-    let (_dir, broker) = start(driver);
+    let broker = start(driver);
     let baseline = broker.baseline();
     let c = broker.client();
     c.send(&encode(Frame::new(
@@ -717,7 +553,7 @@ fn subscribe_before_hello(driver: &str) {
 }
 
 fn oversized_datagram(driver: &str) {
-    let (_dir, broker) = start(driver);
+    let broker = start(driver);
     let baseline = broker.baseline();
     let c = broker.client();
     c.hello();
@@ -740,7 +576,7 @@ fn oversized_datagram(driver: &str) {
 /// PUBLISHes with `too-slow`, and once the subscriber reads, every message arrives once, in
 /// order, and the publisher is read again.
 fn fallback_backpressure_pauses_the_publisher(driver: &str) {
-    let (_dir, broker) = start(driver);
+    let broker = start(driver);
     let sub = broker.client();
     sub.hello();
     sub.send(&encode(Frame::new(
@@ -874,8 +710,7 @@ per_driver!(
 
 #[test]
 fn bad_driver_name_is_a_usage_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let refused = match start_in("carrier-pigeon", dir.path(), &dir.path().join("bus.sock")) {
+    let refused = match start_on("carrier-pigeon").try_run() {
         Ok(_) => panic!("started with a bad driver name"),
         Err(r) => r,
     };
@@ -897,7 +732,7 @@ fn bad_driver_name_is_a_usage_error() {
 /// fallback maximum).
 #[test]
 fn python_fallback_client_round_trips() {
-    let (_dir, broker) = start("auto");
+    let broker = start("auto");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../examples/python/fallback_client.py"
@@ -905,7 +740,7 @@ fn python_fallback_client_round_trips() {
     let out = Command::new("python3")
         .arg(script)
         .arg("--socket")
-        .arg(&broker.socket)
+        .arg(broker.socket())
         .args(["--topic", "it.python", "both", "--count", "300"])
         .output()
         .expect("python3 is needed for this test (apt-get install python3)");

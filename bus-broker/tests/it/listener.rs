@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use bus_broker::addr::{
     AddrError, BindOptions, ListenAddr, Listener, SocketSpec, peer_credentials,
 };
+use bus_testkit::{Broker, Program, Start};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
 
 use crate::{connect, connect_abstract, mode_of, running_as_root, unique_abstract_name};
@@ -408,47 +409,11 @@ fn sticky_shared_directory_is_refused_with_a_private_directory_advice() {
     drop(listener);
 }
 
-/// A `bus-broker` process on `--socket SOCKET` with `driver`: `Ok` once it printed its start
-/// line, `Err(stderr)` if it exited instead.
-fn spawn_broker(socket: &str, driver: &str) -> Result<std::process::Child, String> {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bus-broker"))
-        .args(["--socket", socket])
-        .env("MEMBUS_DRIVER", driver)
-        .env("MEMBUS_LOG", "warn")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDS")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(std::time::Duration::from_secs(20))
-        .expect("the broker printed nothing in time");
-    if line.contains("listening on") {
-        return Ok(child);
-    }
-    let out = child.wait_with_output().unwrap();
-    Err(format!(
-        "{}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    ))
-}
-
-fn stop_broker(mut child: std::process::Child) {
-    let pid = rustix::process::Pid::from_child(&child);
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    assert!(child.wait().unwrap().success());
+/// SIGTERM, and a clean exit.
+fn stop_broker(broker: &mut Broker) {
+    broker.signal(rustix::process::Signal::TERM);
+    let status = broker.wait_exit();
+    assert!(status.success(), "{status}: {}", broker.stderr());
 }
 
 /// A broker restarted on an abstract name right after the previous one exited starts every
@@ -457,17 +422,25 @@ fn stop_broker(mut child: std::process::Child) {
 fn abstract_name_restart(driver: &str) {
     let name = unique_abstract_name();
     let socket = format!("@{}", String::from_utf8_lossy(&name));
-    let mut broker = spawn_broker(&socket, driver).expect("first start");
+    let start = || {
+        Start::new(Program::BusBroker)
+            .driver(driver)
+            .socket(&socket)
+    };
+    let mut broker = start()
+        .try_run()
+        .unwrap_or_else(|r| panic!("first start: {r}"));
     for round in 0..20 {
-        stop_broker(broker);
-        broker = spawn_broker(&socket, driver)
-            .unwrap_or_else(|e| panic!("restart {round} on {socket} failed: {e}"));
+        stop_broker(&mut broker);
+        broker
+            .try_restart()
+            .unwrap_or_else(|r| panic!("restart {round} on {socket} failed: {r}"));
         connect_abstract(&name).expect("the restarted broker answers");
     }
-    let refused = spawn_broker(&socket, driver).expect_err("a second live broker started");
-    assert!(refused.contains("already in use"), "{refused}");
+    let refused = start().try_run().expect_err("a second live broker started");
+    assert!(refused.stderr.contains("already in use"), "{refused}");
     connect_abstract(&name).expect("the live broker still answers");
-    stop_broker(broker);
+    stop_broker(&mut broker);
 }
 
 #[test]

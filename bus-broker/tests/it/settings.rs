@@ -144,8 +144,8 @@ fn topic_names(doc: &serde_json::Value) -> Vec<String> {
 /// `stats = true` rule names it (policy reloaded with SIGHUP). Needs root (to run the client
 /// as uid 65534).
 fn stats_as_another_uid(driver: &str) {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use bus_testkit::{Program, Start, wait_until};
+    use rustix::process::Signal;
     if !crate::running_as_root() {
         eprintln!(
             "skipped: STATS as another uid needs root to start a client as uid 65534 \
@@ -154,35 +154,16 @@ fn stats_as_another_uid(driver: &str) {
         return;
     }
     const NOBODY: u32 = 65534;
-    let tmp = tempfile::tempdir().unwrap();
     let name = String::from_utf8(crate::unique_abstract_name()).unwrap();
-    let policy = tmp.path().join("policy.toml");
     let subscribe_public = format!("[[allow]]\nusers = [{NOBODY}]\nsubscribe = [\"public.*\"]\n");
-    std::fs::write(&policy, &subscribe_public).unwrap();
-    let config = tmp.path().join("broker.toml");
-    std::fs::write(
-        &config,
-        "policy = \"policy.toml\"\n\n[[topic]]\nname = \"public.a\"\n\n\
-         [[topic]]\nname = \"secret.b\"\n",
-    )
-    .unwrap();
-    let stderr = tmp.path().join("stderr");
-    let mut broker = Command::new(env!("CARGO_BIN_EXE_bus-broker"))
-        .arg("--socket")
-        .arg(format!("@{name}"))
-        .arg("--config")
-        .arg(&config)
-        .env("MEMBUS_DRIVER", driver)
-        .env("MEMBUS_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(broker.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening on"), "{line}");
+    let mut broker = Start::new(Program::BusBroker)
+        .socket(format!("@{name}"))
+        .policy(subscribe_public.as_str())
+        .config("[[topic]]\nname = \"public.a\"\n\n[[topic]]\nname = \"secret.b\"\n")
+        .driver(driver)
+        .log("info")
+        .run();
+    let policy = broker.policy_path().unwrap();
 
     // Allowed to subscribe public.*: public.a only.
     let doc = stats_as(&name, NOBODY);
@@ -199,22 +180,16 @@ fn stats_as_another_uid(driver: &str) {
         format!("{subscribe_public}\n[[allow]]\nusers = [{NOBODY}]\nstats = true\n"),
     )
     .unwrap();
-    let pid = rustix::process::Pid::from_child(&broker);
-    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !std::fs::read_to_string(&stderr)
-        .unwrap()
-        .contains("policy reloaded")
-    {
-        assert!(std::time::Instant::now() < deadline, "no reload logged");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    broker.signal(Signal::HUP);
+    wait_until("the reload is logged", || {
+        broker.stderr().contains("policy reloaded")
+    });
     let doc = stats_as(&name, NOBODY);
     assert_eq!(topic_names(&doc), ["public.a", "secret.b"], "{doc}");
     assert_eq!(doc["scope"], "all");
 
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    assert!(broker.wait().unwrap().success());
+    broker.signal(Signal::TERM);
+    assert!(broker.wait_exit().success());
 }
 
 #[test]

@@ -7,7 +7,7 @@ use bus_client::ModeRequest;
 
 use crate::honest::{Sent, Until, publisher_thread, subscriber_thread, verify};
 use crate::peer::{DgramPub, DgramSub};
-use crate::support::{Config, Rng, Start, payload, topic_of};
+use crate::support::{Config, Rng, payload, start_broker, topic_of};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum End {
@@ -24,7 +24,7 @@ pub fn backlog_at_close(driver: &str, end: End, with_datagram_sub: bool) {
     let cfg = Config::new().topic(&format!(
         "name = \"{topic}\"\nmode = \"reliable\"\nring_bytes = 131072"
     ));
-    let broker = Start::new().config(cfg).run(driver);
+    let broker = start_broker(driver).config(cfg).run();
     let mut rng = Rng::seeded("item01");
     let count = 100u64;
     let size = 30_000 + rng.range(0, 2_000) as usize;
@@ -41,9 +41,9 @@ pub fn backlog_at_close(driver: &str, end: End, with_datagram_sub: bool) {
         .collect();
 
     // A slow shared-memory subscriber (bus-client), and maybe a slow datagram one (raw).
-    let shm = subscriber_thread(&broker.socket, topic, false, Until::Count(100), Some(1));
+    let shm = subscriber_thread(broker.socket(), topic, false, Until::Count(100), Some(1));
     let dgram = with_datagram_sub.then(|| {
-        let mut s = DgramSub::subscribe(&broker.socket, topic, ModeRequest::Any);
+        let mut s = DgramSub::subscribe(broker.socket(), topic, ModeRequest::Any);
         std::thread::spawn(move || {
             let mut got = Vec::new();
             while got.len() < 100 {
@@ -54,7 +54,7 @@ pub fn backlog_at_close(driver: &str, end: End, with_datagram_sub: bool) {
         })
     });
 
-    let p = DgramPub::create(&broker.socket, topic, ModeRequest::Reliable);
+    let p = DgramPub::create(broker.socket(), topic, ModeRequest::Reliable);
     let id = p.id();
     for m in &msgs {
         p.publish(m);
@@ -82,12 +82,12 @@ pub fn concurrent_publishers(driver: &str) {
     let cfg = Config::new().topic(&format!(
         "name = \"{topic}\"\nmode = \"reliable\"\nring_bytes = 16384"
     ));
-    let broker = Start::new().config(cfg).run(driver);
+    let broker = start_broker(driver).config(cfg).run();
     let seed = Rng::seeded("item02").next_u64();
     let per = 800u64;
     let total = (6 * per) as usize;
-    let shm = subscriber_thread(&broker.socket, topic, false, Until::Count(total), None);
-    let mut dsub = DgramSub::subscribe(&broker.socket, topic, ModeRequest::Any);
+    let shm = subscriber_thread(broker.socket(), topic, false, Until::Count(total), None);
+    let mut dsub = DgramSub::subscribe(broker.socket(), topic, ModeRequest::Any);
     let dgram = std::thread::spawn(move || {
         let mut got = Vec::new();
         while got.len() < total {
@@ -100,7 +100,7 @@ pub fn concurrent_publishers(driver: &str) {
     let mut raw = Vec::new();
     for who in 0..4u64 {
         let msgs: Vec<Vec<u8>> = (0..per).map(|i| payload(seed, who, i, 3000)).collect();
-        let socket = broker.socket.clone();
+        let socket = broker.socket().to_owned();
         let (tx, rx) = std::sync::mpsc::channel();
         let m2 = msgs.clone();
         raw.push(std::thread::spawn(move || {
@@ -117,7 +117,7 @@ pub fn concurrent_publishers(driver: &str) {
     let mut client = Vec::new();
     for who in 4..6u64 {
         let msgs: Vec<Vec<u8>> = (0..per).map(|i| payload(seed, who, i, 3000)).collect();
-        let (id, h) = publisher_thread(&broker.socket, topic, false, msgs.clone());
+        let (id, h) = publisher_thread(broker.socket(), topic, false, msgs.clone());
         sent.insert(id, msgs);
         client.push(h);
     }
@@ -132,7 +132,7 @@ pub fn concurrent_publishers(driver: &str) {
     let r = shm.join();
     assert!(r.error.is_none(), "shared-memory subscriber: {:?}", r.error);
     verify("item02 shared-memory subscriber", &r.got, &sent, false);
-    let mut c = crate::peer::Conn::connect(&broker.socket, bus_core::frame::Transport::Datagram);
+    let mut c = crate::peer::Conn::connect(broker.socket(), bus_core::frame::Transport::Datagram);
     let doc = c.stats();
     assert_eq!(
         topic_of(&doc, topic).expect("the topic")["evictions"],
@@ -148,7 +148,7 @@ pub fn churning_publishers(driver: &str) {
     let cfg = Config::new().topic(&format!(
         "name = \"{topic}\"\nmode = \"reliable\"\nring_bytes = 8192"
     ));
-    let broker = Start::new().config(cfg).run(driver);
+    let broker = start_broker(driver).config(cfg).run();
     let mut rng = Rng::seeded("item02 churn");
     let seed = rng.next_u64();
     for round in 0..3u64 {
@@ -156,8 +156,8 @@ pub fn churning_publishers(driver: &str) {
         let per_lane = 5u64;
         let n = 150 + rng.range(0, 100);
         let total = (lanes * per_lane * n) as usize;
-        let shm = subscriber_thread(&broker.socket, topic, false, Until::Count(total), Some(64));
-        let mut dsub = DgramSub::subscribe(&broker.socket, topic, ModeRequest::Any);
+        let shm = subscriber_thread(broker.socket(), topic, false, Until::Count(total), Some(64));
+        let mut dsub = DgramSub::subscribe(broker.socket(), topic, ModeRequest::Any);
         let dgram = std::thread::spawn(move || {
             let mut got = Vec::new();
             while got.len() < total {
@@ -167,7 +167,7 @@ pub fn churning_publishers(driver: &str) {
         });
         let mut handles = Vec::new();
         for lane in 0..lanes {
-            let socket = broker.socket.clone();
+            let socket = broker.socket().to_owned();
             handles.push(std::thread::spawn(move || {
                 let mut sent = BTreeMap::new();
                 for k in 0..per_lane {

@@ -8,7 +8,7 @@ use bus_core::frame::{CreatePublisher, ErrorCode, Msg, Subscribe, Transport};
 
 use crate::honest::{Sent, Until, publisher_thread, round_trip, subscriber_thread, verify};
 use crate::peer::{Conn, Incoming};
-use crate::support::{Config, Rng, Start, topic_of, wait_until};
+use crate::support::{BrokerExt, Config, Rng, start_broker, topic_of, wait_until};
 
 fn create(
     ring: u64,
@@ -57,9 +57,9 @@ pub fn ring_size_overflow(driver: &str) {
         .limits(&format!("max_ring_bytes = {MAX_RING}"))
         .limits("default_ring_bytes = 65536")
         .limits(&format!("max_topics = {MAX_TOPICS}"));
-    let broker = Start::new().config(cfg).run(driver);
-    let mut shm = Conn::connect(&broker.socket, Transport::Shm);
-    let mut dg = Conn::connect(&broker.socket, Transport::Datagram);
+    let broker = start_broker(driver).config(cfg).run();
+    let mut shm = Conn::connect(broker.socket(), Transport::Shm);
+    let mut dg = Conn::connect(broker.socket(), Transport::Datagram);
     let too_large = [
         (1u64 << 63) + 1,
         u64::MAX,
@@ -203,7 +203,7 @@ pub fn ring_size_overflow(driver: &str) {
     // max_topics is still all there: MAX_TOPICS - 1 more topics can be created, then no more.
     let mut keep = Vec::new();
     for i in 0..MAX_TOPICS - 1 {
-        let mut c = Conn::connect(&broker.socket, Transport::Datagram);
+        let mut c = Conn::connect(broker.socket(), Transport::Datagram);
         let topic = format!("item04.after{i}");
         let reply = c.request(create(0, 0, ModeRequest::Any, Transport::Datagram, &topic));
         assert!(
@@ -235,8 +235,8 @@ enum Hog {
 /// clients keep working meanwhile and afterwards, and the broker's fds return to baseline.
 pub fn fd_exhaustion(driver: &str) {
     let cfg = Config::new().topic("name = \"item05.honest\"\nmode = \"reliable\"");
-    let broker = Start::new().config(cfg).nofile(1024).run(driver);
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", broker.pid)).unwrap();
+    let broker = start_broker(driver).config(cfg).nofile(1024).run();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", broker.pid())).unwrap();
     assert!(
         limits
             .lines()
@@ -244,17 +244,17 @@ pub fn fd_exhaustion(driver: &str) {
         "the broker runs with RLIMIT_NOFILE 1024: {limits}"
     );
     let baseline = {
-        drop(Conn::connect(&broker.socket, Transport::Datagram));
+        drop(Conn::connect(broker.socket(), Transport::Datagram));
         broker.settled_fds()
     };
-    round_trip(&broker.socket, "item05.honest").expect("an honest round trip before any hog");
+    round_trip(broker.socket(), "item05.honest").expect("an honest round trip before any hog");
     let baseline_after_honest = broker.settled_fds();
     for hog in [Hog::DatagramSubscribe, Hog::ShmSubscribe, Hog::ShmPublisher] {
         let transport = match hog {
             Hog::DatagramSubscribe => Transport::Datagram,
             _ => Transport::Shm,
         };
-        let mut c = Conn::connect(&broker.socket, transport);
+        let mut c = Conn::connect(broker.socket(), transport);
         let mut kept: Vec<OwnedFd> = Vec::new();
         let mut refused = None;
         for i in 0..20_000u32 {
@@ -277,7 +277,7 @@ pub fn fd_exhaustion(driver: &str) {
                 other => panic!("{hog:?} request {i}: unexpected {other:?}"),
             }
             if i == 200 {
-                round_trip(&broker.socket, "item05.honest")
+                round_trip(broker.socket(), "item05.honest")
                     .unwrap_or_else(|e| panic!("{hog:?}: honest client while the hog grows: {e}"));
             }
         }
@@ -300,11 +300,11 @@ pub fn fd_exhaustion(driver: &str) {
         );
         // Meanwhile (the hog still connected and holding everything) an honest client works.
         for _ in 0..2 {
-            round_trip(&broker.socket, "item05.honest").unwrap_or_else(|e| {
+            round_trip(broker.socket(), "item05.honest").unwrap_or_else(|e| {
                 panic!("{hog:?}: honest client while the hog holds its share: {e}")
             });
         }
-        let mut other = Conn::connect(&broker.socket, Transport::Datagram);
+        let mut other = Conn::connect(broker.socket(), Transport::Datagram);
         other.ping();
         drop(other);
         drop(kept);
@@ -313,7 +313,7 @@ pub fn fd_exhaustion(driver: &str) {
             baseline_after_honest,
             &format!("the {hog:?} hog disconnected"),
         );
-        round_trip(&broker.socket, "item05.honest")
+        round_trip(broker.socket(), "item05.honest")
             .unwrap_or_else(|e| panic!("{hog:?}: honest client after the hog left: {e}"));
     }
     let _ = baseline;
@@ -323,10 +323,10 @@ pub fn fd_exhaustion(driver: &str) {
 pub fn too_many_subscribers_per_ring(driver: &str) {
     for n in [4097u64, 5000, 1 << 20, u64::from(u32::MAX)] {
         let cfg = Config::new().limits(&format!("max_subscribers_per_topic = {n}"));
-        match Start::new().config(cfg).try_run(driver) {
+        match start_broker(driver).config(cfg).try_run() {
             Ok(b) => panic!(
                 "the broker started with max_subscribers_per_topic = {n} (pid {})",
-                b.pid
+                b.pid()
             ),
             Err(r) => {
                 assert!(
@@ -349,8 +349,8 @@ pub fn too_many_subscribers_per_ring(driver: &str) {
     }
     // The bound itself is fine.
     let cfg = Config::new().limits("max_subscribers_per_topic = 4096");
-    let b = Start::new().config(cfg).run(driver);
-    round_trip(&b.socket, "item06.ok").expect("a broker at the bound works");
+    let b = start_broker(driver).config(cfg).run();
+    round_trip(b.socket(), "item06.ok").expect("a broker at the bound works");
 }
 
 /// A valid topic name of exactly `len` bytes.
@@ -371,18 +371,18 @@ fn long_name(len: usize, rng: &mut Rng) -> String {
 
 /// Item 12: topic names of 239..=255 bytes work for shared-memory and datagram clients.
 pub fn long_topic_names(driver: &str) {
-    let broker = Start::new().run(driver);
+    let broker = start_broker(driver).run();
     let mut rng = Rng::seeded("item12");
     for len in 239..=255usize {
         let topic = long_name(len, &mut rng);
         assert_eq!(topic.len(), len);
-        let shm = subscriber_thread(&broker.socket, &topic, false, Until::Count(6), None);
-        let dgram = subscriber_thread(&broker.socket, &topic, true, Until::Count(6), None);
+        let shm = subscriber_thread(broker.socket(), &topic, false, Until::Count(6), None);
+        let dgram = subscriber_thread(broker.socket(), &topic, true, Until::Count(6), None);
         let mut sent = Sent::new();
         let mut hs = Vec::new();
         for datagram in [false, true] {
             let msgs: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 10 + len]).collect();
-            let (id, h) = publisher_thread(&broker.socket, &topic, datagram, msgs.clone());
+            let (id, h) = publisher_thread(broker.socket(), &topic, datagram, msgs.clone());
             sent.insert(id, msgs);
             hs.push(h);
         }
@@ -442,8 +442,8 @@ pub fn long_topic_names(driver: &str) {
 /// has fds for. The broker must not spin on a listening socket it cannot accept from, and once
 /// the hog leaves, new clients are served and the fd count is back to its baseline.
 pub fn connection_flood(driver: &str) {
-    let broker = Start::new().nofile(1024).run(driver);
-    drop(Conn::connect(&broker.socket, Transport::Datagram));
+    let broker = start_broker(driver).nofile(1024).run();
+    drop(Conn::connect(broker.socket(), Transport::Datagram));
     let baseline = broker.settled_fds();
     let mut hog = Vec::new();
     for _ in 0..1200 {
@@ -455,7 +455,7 @@ pub fn connection_flood(driver: &str) {
         .unwrap();
         match rustix::net::connect(
             &fd,
-            &rustix::net::SocketAddrUnix::new(&broker.socket).unwrap(),
+            &rustix::net::SocketAddrUnix::new(broker.socket()).unwrap(),
         ) {
             Ok(()) => hog.push(fd),
             Err(_) => break,
@@ -464,7 +464,7 @@ pub fn connection_flood(driver: &str) {
     eprintln!("item05 flood: {} connections", hog.len());
     let held = broker.settled_fds();
     eprintln!("item05 flood: the broker holds {held} fds");
-    let cpu = crate::support::cpu_over(broker.pid, Duration::from_secs(1));
+    let cpu = crate::support::cpu_over(broker.pid(), Duration::from_secs(1));
     eprintln!("item05 flood: broker CPU {:.0}%", cpu * 100.0);
     assert!(
         cpu < 0.25,
@@ -473,5 +473,5 @@ pub fn connection_flood(driver: &str) {
     );
     drop(hog);
     broker.expect_fds(baseline, "the connection flood left");
-    round_trip(&broker.socket, "item05.after.flood").expect("served after the flood");
+    round_trip(broker.socket(), "item05.after.flood").expect("served after the flood");
 }

@@ -12,7 +12,7 @@ use crate::peer::{
     CLAIM, CLOSED, Conn, DgramSub, END_SEQ, HostilePub, HostileSub, LAST_POS, NEXT_POS, NEXT_SEQ,
 };
 use crate::support::{
-    Broker, Config, DEADLINE, Rng, Start, bus_sub, cpu_ticks, json_lines, ready_subscribers,
+    Broker, Config, DEADLINE, Rng, bus_sub, cpu_ticks, json_lines, ready_subscribers, start_broker,
     stat_json, topic_of, wait_until,
 };
 
@@ -118,7 +118,7 @@ fn frozen_ring_broker(driver: &str, topic: &str, lossy: bool) -> Broker {
         .topic(&format!(
             "name = \"{topic}\"\nmode = \"{mode}\"\nring_bytes = 65536"
         ));
-    Start::new().config(cfg).run(driver)
+    start_broker(driver).config(cfg).run()
 }
 
 /// Item 7: a ring with impossible header values does not freeze the broker (which reads it
@@ -127,8 +127,8 @@ pub fn broker_freeze(driver: &str, lie: Lie, lossy: bool) {
     let topic = "item07.frozen";
     let mut broker = frozen_ring_broker(driver, topic, lossy);
     let mut rng = Rng::seeded(&format!("item07 {lie:?}"));
-    let mut dsub = DgramSub::subscribe(&broker.socket, topic, ModeRequest::Any);
-    let mut p = HostilePub::create(&broker.socket, topic, 65536, ModeRequest::Any);
+    let mut dsub = DgramSub::subscribe(broker.socket(), topic, ModeRequest::Any);
+    let mut p = HostilePub::create(broker.socket(), topic, 65536, ModeRequest::Any);
     p.publish(b"good message");
     let d = dsub.deliver();
     assert_eq!(
@@ -139,20 +139,20 @@ pub fn broker_freeze(driver: &str, lie: Lie, lossy: bool) {
     p.wake_all();
 
     // New clients are served.
-    let mut c = Conn::connect(&broker.socket, Transport::Datagram);
+    let mut c = Conn::connect(broker.socket(), Transport::Datagram);
     let doc = c.stats();
     assert!(topic_of(&doc, topic).is_some(), "{doc}");
     c.ping();
-    let cpu = cpu_while_waking(broker.pid, &mut p);
+    let cpu = cpu_while_waking(broker.pid(), &mut p);
     eprintln!("item07 {lie:?}: broker CPU {:.0}% of a core", cpu * 100.0);
     assert!(
         cpu < SPIN,
         "{lie:?}: the broker used {:.0}% of a core for 1 s after a ring went bad (spinning?)",
         cpu * 100.0
     );
-    let mut c2 = Conn::connect(&broker.socket, Transport::Shm);
+    let mut c2 = Conn::connect(broker.socket(), Transport::Shm);
     c2.ping();
-    round_trip(&broker.socket, "item07.other").expect("an honest round trip on another topic");
+    round_trip(broker.socket(), "item07.other").expect("an honest round trip on another topic");
     // Nothing else is delivered from a ring whose header is garbage... except what it may
     // legitimately look like: the datagram subscriber is not evicted or dropped meanwhile.
     while let Some(ev) = dsub.next(Duration::ZERO) {
@@ -180,7 +180,7 @@ pub fn reader_spin(driver: &str, lie: Lie, lossy: bool) {
     wait_until("bus sub is subscribed", || {
         ready_subscribers(&broker, topic) >= 1
     });
-    let mut p = HostilePub::create(&broker.socket, topic, 65536, ModeRequest::Any);
+    let mut p = HostilePub::create(broker.socket(), topic, 65536, ModeRequest::Any);
     p.wait_subscribers(1);
     p.publish(b"good message");
     wait_until("bus sub prints the good message", || {
@@ -206,7 +206,7 @@ pub fn reader_spin(driver: &str, lie: Lie, lossy: bool) {
     // messages arrive.
     assert!(sub.is_running(), "bus sub exited: {}", sub.all_output());
     let honest: Vec<Vec<u8>> = (0..5).map(|i| format!("honest {i}").into_bytes()).collect();
-    let (id, h) = publisher_thread(&broker.socket, topic, false, honest);
+    let (id, h) = publisher_thread(broker.socket(), topic, false, honest);
     h.join().unwrap().expect("honest publisher");
     wait_until("bus sub prints the honest messages", || {
         json_lines(&sub.stdout())
@@ -238,10 +238,10 @@ pub fn honest_not_evicted(driver: &str) {
         .topic(&format!(
             "name = \"{topic}\"\nmode = \"reliable\"\nring_bytes = 16384"
         ));
-    let broker = Start::new().config(cfg).run(driver);
+    let broker = start_broker(driver).config(cfg).run();
     let mut rng = Rng::seeded("item09");
     let mut child = bus_sub(&broker, topic, &[]);
-    let lib = subscriber_thread(&broker.socket, topic, false, Until::Stop, None);
+    let lib = subscriber_thread(broker.socket(), topic, false, Until::Stop, None);
     wait_until("both honest subscribers are live", || {
         ready_subscribers(&broker, topic) >= 2
     });
@@ -251,7 +251,7 @@ pub fn honest_not_evicted(driver: &str) {
         Rogue::RandomBytes,
         Rogue::OneThenInflate,
     ] {
-        let mut p = HostilePub::create(&broker.socket, topic, 16384, ModeRequest::Reliable);
+        let mut p = HostilePub::create(broker.socket(), topic, 16384, ModeRequest::Reliable);
         p.wait_subscribers(2);
         match rogue {
             Rogue::NextPosOnly => p.set_header(NEXT_POS, 1 << 40),
@@ -271,7 +271,7 @@ pub fn honest_not_evicted(driver: &str) {
     // An honest publisher, for 10 stall limits (the broker checks about once a second).
     let n = 120usize;
     let msgs: Vec<Vec<u8>> = (0..n).map(|i| format!("honest {i}").into_bytes()).collect();
-    let socket = broker.socket.clone();
+    let socket = broker.socket().to_owned();
     let m2 = msgs.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let honest = std::thread::spawn(move || {
@@ -377,11 +377,11 @@ pub fn publisher_not_blocked(driver: &str, how: Cursor) {
         .topic(&format!(
             "name = \"{topic}\"\nmode = \"reliable\"\nring_bytes = {data}"
         ));
-    let broker = Start::new().config(cfg).run(driver);
+    let broker = start_broker(driver).config(cfg).run();
     let mut rng = Rng::seeded(&format!("item10 {how:?}"));
     let seed = rng.next_u64();
-    let honest_sub = subscriber_thread(&broker.socket, topic, false, Until::Stop, None);
-    let mut liar = HostileSub::subscribe(&broker.socket, topic, ModeRequest::Reliable);
+    let honest_sub = subscriber_thread(broker.socket(), topic, false, Until::Stop, None);
+    let mut liar = HostileSub::subscribe(broker.socket(), topic, ModeRequest::Reliable);
     // Enough to fill the ring several times over, then N more.
     let n = 300u64;
     let lens: Vec<usize> = (0..n)
@@ -400,7 +400,7 @@ pub fn publisher_not_blocked(driver: &str, how: Cursor) {
         at += record_bytes(l) as u64;
     }
     starts.push(at);
-    let (id, publisher) = publisher_thread(&broker.socket, topic, false, msgs.clone());
+    let (id, publisher) = publisher_thread(broker.socket(), topic, false, msgs.clone());
     liar.wait_rings(1);
     let slot = liar.rings[0].0.slot as usize;
     let mut tick = 0u64;
@@ -468,7 +468,7 @@ pub fn publisher_not_blocked(driver: &str, how: Cursor) {
     let more: Vec<Vec<u8>> = (0..100u64)
         .map(|i| format!("more {i}").into_bytes())
         .collect();
-    let (id2, h2) = publisher_thread(&broker.socket, topic, false, more.clone());
+    let (id2, h2) = publisher_thread(broker.socket(), topic, false, more.clone());
     let end = Instant::now() + DEADLINE;
     while !h2.is_finished() && Instant::now() < end {
         liar.pump();

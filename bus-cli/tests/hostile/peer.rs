@@ -108,16 +108,9 @@ impl Conn {
 
     /// The next frame within `timeout` (from the socket, not the event queue).
     pub fn poll(&self, timeout: Duration) -> Polled {
-        use rustix::event::{PollFd, PollFlags, Timespec, poll};
-        let mut pfd = [PollFd::new(&self.fd, PollFlags::IN)];
-        let ts = Timespec {
-            tv_sec: timeout.as_secs() as i64,
-            tv_nsec: i64::from(timeout.subsec_nanos()),
-        };
-        match poll(&mut pfd, Some(&ts)) {
-            Ok(0) => return Polled::Timeout,
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => return Polled::Timeout,
+        match bus_core::wake::wait_readable(self.fd.as_fd(), Some(timeout)) {
+            Ok(false) => return Polled::Timeout,
+            Ok(true) => {}
             Err(e) => panic!("poll: {e}"),
         }
         let mut buf = vec![0u8; MAX_FRAME_BYTES];

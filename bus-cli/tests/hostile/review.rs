@@ -14,7 +14,7 @@ use bus_core::segment::{self, Access, RingMapping};
 
 use crate::honest::{Until, round_trip, subscriber_thread};
 use crate::peer::{Conn, DgramPub, NEXT_POS, Polled};
-use crate::support::{Config, DEADLINE, Start, topic_of, wait_until};
+use crate::support::{BrokerExt, Config, DEADLINE, start_broker, topic_of, wait_until};
 
 /// A shm subscriber that sends RING_RELEASED for `release` BEFORE its SUBSCRIBER_READY, then
 /// goes live, attaches to every ring at the position its grant says, and never moves.
@@ -123,10 +123,10 @@ fn reliable_small(topic: &str) -> Config {
 /// judges it. An honest bus-client publisher is blocked for good.
 pub fn release_before_ready_does_not_excuse_a_staller_shm(driver: &str) {
     let topic = "review.prerelease";
-    let broker = Start::new().config(reliable_small(topic)).run(driver);
+    let broker = start_broker(driver).config(reliable_small(topic)).run();
     let (tx_id, rx_id) = mpsc::channel();
     let (tx_go, rx_go) = mpsc::channel::<()>();
-    let socket = broker.socket.clone();
+    let socket = broker.socket().to_owned();
     let h = std::thread::spawn(move || {
         let bus = bus_client::Bus::connect(&socket).map_err(|e| e.to_string())?;
         let mut p = bus.publisher(topic).map_err(|e| e.to_string())?;
@@ -140,7 +140,7 @@ pub fn release_before_ready_does_not_excuse_a_staller_shm(driver: &str) {
         Ok::<(), String>(())
     });
     let pid = rx_id.recv_timeout(DEADLINE).unwrap();
-    let mut s = PreReleaser::new(&broker.socket, topic, &[pid]);
+    let mut s = PreReleaser::new(broker.socket(), topic, &[pid]);
     wait_until("ring granted", || {
         s.pump();
         !s.rings.is_empty()
@@ -153,7 +153,7 @@ pub fn release_before_ready_does_not_excuse_a_staller_shm(driver: &str) {
         evicted |= s.pump();
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut c = Conn::connect(&broker.socket, Transport::Datagram);
+    let mut c = Conn::connect(broker.socket(), Transport::Datagram);
     let doc = c.stats();
     let t = topic_of(&doc, topic).cloned();
     assert!(
@@ -167,10 +167,10 @@ pub fn release_before_ready_does_not_excuse_a_staller_shm(driver: &str) {
 /// A, datagram publisher: same attack against the relay.
 pub fn release_before_ready_does_not_excuse_a_staller_datagram(driver: &str) {
     let topic = "review.prerelease.dg";
-    let broker = Start::new().config(reliable_small(topic)).run(driver);
-    let p = DgramPub::create(&broker.socket, topic, ModeRequest::Reliable);
+    let broker = start_broker(driver).config(reliable_small(topic)).run();
+    let p = DgramPub::create(broker.socket(), topic, ModeRequest::Reliable);
     let pid = p.id();
-    let mut s = PreReleaser::new(&broker.socket, topic, &[pid]);
+    let mut s = PreReleaser::new(broker.socket(), topic, &[pid]);
     std::thread::sleep(Duration::from_millis(100));
     s.pump();
     let h = std::thread::spawn(move || {
@@ -185,7 +185,7 @@ pub fn release_before_ready_does_not_excuse_a_staller_datagram(driver: &str) {
         s.pump();
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut c = Conn::connect(&broker.socket, Transport::Datagram);
+    let mut c = Conn::connect(broker.socket(), Transport::Datagram);
     let doc = c.stats();
     let t = topic_of(&doc, topic).cloned();
     assert!(
@@ -208,12 +208,12 @@ pub fn draining_reader_keeps_its_slot_while_it_reads(driver: &str) {
         .topic(&format!(
             "name = \"{topic}\"\nmode = \"reliable\"\nring_bytes = 1048576"
         ));
-    let broker = Start::new().config(cfg).run(driver);
+    let broker = start_broker(driver).config(cfg).run();
     // Slow honest reader: 1 ms after every message.
-    let sub = subscriber_thread(&broker.socket, topic, false, Until::Stop, Some(1));
+    let sub = subscriber_thread(broker.socket(), topic, false, Until::Stop, Some(1));
     let n = 800usize;
     let msgs: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; 1000]).collect();
-    let (id, h) = crate::honest::publisher_thread(&broker.socket, topic, false, msgs.clone());
+    let (id, h) = crate::honest::publisher_thread(broker.socket(), topic, false, msgs.clone());
     h.join().unwrap().expect("publisher");
     // The publisher left; the reader is draining (about 1 ms per message).
     std::thread::sleep(Duration::from_millis(450));
@@ -240,12 +240,12 @@ pub fn draining_reader_keeps_its_slot_while_it_reads(driver: &str) {
 
 /// RLIMIT_NOFILE soft = hard = 256, default limits: the broker starts and serves.
 pub fn broker_serves_under_rlimit_256(driver: &str) {
-    let broker = Start::new().nofile(256).run(driver);
-    round_trip(&broker.socket, "review.rlimit").expect("round trip at 256 fds");
+    let broker = start_broker(driver).nofile(256).run();
+    round_trip(broker.socket(), "review.rlimit").expect("round trip at 256 fds");
     // A few datagram subscribers and publishers.
     let mut conns = Vec::new();
     for i in 0..10 {
-        let mut c = Conn::connect(&broker.socket, Transport::Datagram);
+        let mut c = Conn::connect(broker.socket(), Transport::Datagram);
         let r = c.request(Msg::Subscribe(Subscribe {
             mode: ModeRequest::Any,
             delivery: Transport::Datagram,
@@ -254,7 +254,7 @@ pub fn broker_serves_under_rlimit_256(driver: &str) {
         assert!(matches!(r.frame().msg, Msg::Subscribed(_)), "{r:?}");
         conns.push(c);
     }
-    round_trip(&broker.socket, "review.rlimit").expect("round trip at 256 fds with 10 subs");
+    round_trip(broker.socket(), "review.rlimit").expect("round trip at 256 fds with 10 subs");
 }
 
 /// Hostile shm subscribers charge an honest datagram publisher's client for the relay's wake
@@ -262,8 +262,8 @@ pub fn broker_serves_under_rlimit_256(driver: &str) {
 pub fn subscribers_joining_use_no_datagram_publishers_quota(driver: &str) {
     let topic = "review.quota";
     let cfg = Config::new().limits("max_fds_per_client = 16");
-    let broker = Start::new().config(cfg).run(driver);
-    let mut honest = Conn::connect(&broker.socket, Transport::Datagram);
+    let broker = start_broker(driver).config(cfg).run();
+    let mut honest = Conn::connect(broker.socket(), Transport::Datagram);
     let r = honest.request(Msg::CreatePublisher(bus_core::frame::CreatePublisher {
         ring_data_bytes: 0,
         max_message_bytes: 0,
@@ -276,13 +276,13 @@ pub fn subscribers_joining_use_no_datagram_publishers_quota(driver: &str) {
     let mut hogs = Vec::new();
     for _ in 0..20 {
         hogs.push(crate::peer::HostileSub::subscribe(
-            &broker.socket,
+            broker.socket(),
             topic,
             ModeRequest::Any,
         ));
     }
     // A fresh datagram client that holds nothing asks for a publisher on the topic.
-    let mut fresh = Conn::connect(&broker.socket, Transport::Datagram);
+    let mut fresh = Conn::connect(broker.socket(), Transport::Datagram);
     let r = fresh.request(Msg::CreatePublisher(bus_core::frame::CreatePublisher {
         ring_data_bytes: 0,
         max_message_bytes: 0,
@@ -322,10 +322,10 @@ pub fn fd_counts_return_to_baseline_after_churn(driver: &str) {
     let cfg = Config::new()
         .limits("max_fds_per_client = 8")
         .topic(&format!("name = \"{topic}\"\nmode = \"reliable\""));
-    let broker = Start::new().config(cfg).run(driver);
-    drop(Conn::connect(&broker.socket, Transport::Datagram));
+    let broker = start_broker(driver).config(cfg).run();
+    drop(Conn::connect(broker.socket(), Transport::Datagram));
     let baseline = broker.settled_fds();
-    let mut pubc = Conn::connect(&broker.socket, Transport::Datagram);
+    let mut pubc = Conn::connect(broker.socket(), Transport::Datagram);
     let g = pubc.request(Msg::CreatePublisher(bus_core::frame::CreatePublisher {
         ring_data_bytes: 0,
         max_message_bytes: 0,
@@ -342,7 +342,7 @@ pub fn fd_counts_return_to_baseline_after_churn(driver: &str) {
         // some release the ring first).
         let mut subs = Vec::new();
         for k in 0..3 {
-            let s = crate::peer::HostileSub::subscribe(&broker.socket, topic, ModeRequest::Any);
+            let s = crate::peer::HostileSub::subscribe(broker.socket(), topic, ModeRequest::Any);
             if (round + k) % 3 == 0 {
                 s.conn
                     .send(
@@ -356,7 +356,7 @@ pub fn fd_counts_return_to_baseline_after_churn(driver: &str) {
             }
             subs.push(s);
         }
-        let mut d = crate::peer::DgramSub::subscribe(&broker.socket, topic, ModeRequest::Any);
+        let mut d = crate::peer::DgramSub::subscribe(broker.socket(), topic, ModeRequest::Any);
         pubc.send(
             0,
             Msg::Publish(bus_core::frame::Publish {
@@ -413,12 +413,12 @@ pub fn fd_counts_return_to_baseline_after_churn(driver: &str) {
 /// come back.
 pub fn close_twice_with_a_stalled_subscriber_frees_everything(driver: &str) {
     let topic = "review.close";
-    let broker = Start::new().config(reliable_small(topic)).run(driver);
-    drop(Conn::connect(&broker.socket, Transport::Datagram));
+    let broker = start_broker(driver).config(reliable_small(topic)).run();
+    drop(Conn::connect(broker.socket(), Transport::Datagram));
     let baseline = broker.settled_fds();
     let mut staller =
-        crate::peer::HostileSub::subscribe(&broker.socket, topic, ModeRequest::Reliable);
-    let mut p = DgramPub::create(&broker.socket, topic, ModeRequest::Reliable);
+        crate::peer::HostileSub::subscribe(broker.socket(), topic, ModeRequest::Reliable);
+    let mut p = DgramPub::create(broker.socket(), topic, ModeRequest::Reliable);
     staller.wait_rings(1);
     // reader role: cursor at next_pos = 0, never moves.
     staller.set_cursor(staller.rings[0].0.slot as usize, 0);
@@ -450,7 +450,7 @@ pub fn close_twice_with_a_stalled_subscriber_frees_everything(driver: &str) {
     // Stall limit 300 ms + check every second: the staller is evicted, the backlog written,
     // the publisher removed.
     wait_until("staller evicted", || staller.pump());
-    let mut c = Conn::connect(&broker.socket, Transport::Datagram);
+    let mut c = Conn::connect(broker.socket(), Transport::Datagram);
     wait_until("the closing publisher is gone", || {
         let doc = c.stats();
         topic_of(&doc, topic).is_none_or(|t| t["publishers"].as_array().unwrap().is_empty())
@@ -467,13 +467,13 @@ pub fn lossy_datagram_accounting_is_exact(driver: &str) {
     let cfg = Config::new().topic(&format!(
         "name = \"{topic}\"\nmode = \"lossy\"\nring_bytes = 8192"
     ));
-    let broker = Start::new().config(cfg).run(driver);
-    let d = crate::peer::DgramSub::subscribe(&broker.socket, topic, ModeRequest::Lossy);
+    let broker = start_broker(driver).config(cfg).run();
+    let d = crate::peer::DgramSub::subscribe(broker.socket(), topic, ModeRequest::Lossy);
     let n = 20_000u64;
     let msgs: Vec<Vec<u8>> = (0..n)
         .map(|i| vec![i as u8; 100 + (i as usize * 37) % 1500])
         .collect();
-    let (pid, h) = crate::honest::publisher_thread(&broker.socket, topic, false, msgs);
+    let (pid, h) = crate::honest::publisher_thread(broker.socket(), topic, false, msgs);
     let mut next = 0u64;
     let mut problems = Vec::new();
     let (mut delivered, mut lost, mut skipped) = (0u64, 0u64, 0u64);
@@ -581,14 +581,14 @@ pub fn flapping_commit_word_does_not_get_honest_readers_evicted(driver: &str) {
         .topic(&format!(
             "name = \"{topic}\"\nmode = \"reliable\"\nring_bytes = 16384"
         ));
-    let broker = Start::new().config(cfg).run(driver);
+    let broker = start_broker(driver).config(cfg).run();
     let mut child = bus_sub(&broker, topic, &[]);
-    let lib = subscriber_thread(&broker.socket, topic, false, Until::Stop, None);
+    let lib = subscriber_thread(broker.socket(), topic, false, Until::Stop, None);
     wait_until("both honest subscribers live", || {
         ready_subscribers(&broker, topic) >= 2
     });
     let mut p =
-        crate::peer::HostilePub::create(&broker.socket, topic, 16384, ModeRequest::Reliable);
+        crate::peer::HostilePub::create(broker.socket(), topic, 16384, ModeRequest::Reliable);
     p.wait_subscribers(2);
     let slot = p.grant.slot as usize;
     let pages: Vec<bus_core::segment::Mapping> = p
@@ -669,8 +669,8 @@ pub fn flapping_commit_word_does_not_get_honest_readers_evicted(driver: &str) {
 /// nothing else; the publisher blocks for good.
 pub fn release_spam_for_pending_publishers_does_not_excuse_a_staller(driver: &str) {
     let topic = "review.spam";
-    let broker = Start::new().config(reliable_small(topic)).run(driver);
-    let s = crate::peer::HostileSub::subscribe(&broker.socket, topic, ModeRequest::Reliable);
+    let broker = start_broker(driver).config(reliable_small(topic)).run();
+    let s = crate::peer::HostileSub::subscribe(broker.socket(), topic, ModeRequest::Reliable);
     let sid = s.subscribed.subscriber_id;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
@@ -689,7 +689,7 @@ pub fn release_spam_for_pending_publishers_does_not_excuse_a_staller(driver: &st
         s
     });
     std::thread::sleep(Duration::from_millis(50));
-    let socket = broker.socket.clone();
+    let socket = broker.socket().to_owned();
     let h = std::thread::spawn(move || {
         let bus = bus_client::Bus::connect(&socket).map_err(|e| e.to_string())?;
         let mut p = bus.publisher(topic).map_err(|e| e.to_string())?;
@@ -718,7 +718,7 @@ pub fn release_spam_for_pending_publishers_does_not_excuse_a_staller(driver: &st
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let mut c = Conn::connect(&broker.socket, Transport::Datagram);
+    let mut c = Conn::connect(broker.socket(), Transport::Datagram);
     let doc = c.stats();
     assert!(
         h.is_finished(),

@@ -1,55 +1,14 @@
 //! Broker processes (`bus broker`), `bus pub`/`bus sub` children, polling waits, CPU and fd
 //! probes, a seeded RNG.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use rustix::process::{Pid, Signal};
 
 /// The `bus` binary.
 pub const BUS: &str = env!("CARGO_BIN_EXE_bus");
-
-/// How long anything may take before a test fails (generous: CI machines are shared).
-pub const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Polls `cond` until it holds or [`DEADLINE`] passes.
-#[track_caller]
-pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
-    wait_until_for(what, DEADLINE, cond)
-}
-
-/// Polls `cond` until it holds or `limit` passes.
-#[track_caller]
-pub fn wait_until_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + limit;
-    let mut pause = Duration::from_millis(1);
-    while !cond() {
-        assert!(
-            Instant::now() < end,
-            "timed out ({limit:?}) waiting until {what}"
-        );
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
-}
-
-/// Lets this process open many fds (hogs keep the fds the broker sends them).
-pub fn raise_fd_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut limit = getrlimit(Resource::Nofile);
-    if let Some(max) = limit.maximum {
-        let want = max.min(65536);
-        if limit.current.is_none_or(|c| c < want) {
-            limit.current = Some(want);
-            let _ = setrlimit(Resource::Nofile, limit);
-        }
-    }
-}
 
 /// A small deterministic RNG (splitmix64); the seed is printed so a failure can be replayed
 /// with `HOSTILE_SEED=...`.
@@ -117,6 +76,12 @@ pub fn payload(seed: u64, who: u64, i: u64, max_len: usize) -> Vec<u8> {
         .collect()
 }
 
+impl From<Config> for String {
+    fn from(c: Config) -> String {
+        c.text
+    }
+}
+
 /// Config-file text for a broker.
 #[derive(Clone, Debug, Default)]
 pub struct Config {
@@ -144,198 +109,52 @@ impl Config {
     }
 }
 
-/// A running `bus broker`. Killed on drop if still running.
-pub struct Broker {
-    pub child: Child,
-    pub pid: u32,
-    pub socket: PathBuf,
-    pub stderr: PathBuf,
-    pub dir: tempfile::TempDir,
+pub use bus_testkit::{Broker, DEADLINE, wait_until};
+
+/// How these tests start a broker: `bus broker` on `driver`, logging at info (tests read the
+/// log), after letting this process open many fds (hogs keep the fds the broker sends them).
+pub fn start_broker(driver: &str) -> bus_testkit::Start {
+    bus_testkit::raise_fd_limit(65536);
+    bus_testkit::Start::new(bus_testkit::Program::Bus)
+        .driver(driver)
+        .log("info")
 }
 
-/// A broker that refused to start.
-pub struct Refused {
-    pub status: ExitStatus,
-    pub stderr: String,
+/// What the tests do with a [`Broker`] besides what bus-testkit offers.
+pub trait BrokerExt {
+    /// A `bus` command against this broker.
+    fn bus(&self) -> Command;
+    /// A bus-client connection (shared memory).
+    fn connect(&self) -> bus_client::Bus;
+    /// A bus-client connection over the datagram fallback.
+    fn connect_datagram(&self) -> bus_client::Bus;
+    /// CPU used by the broker over a window (fraction of one core).
+    fn cpu_over(&self, window: Duration) -> f64;
 }
 
-/// How to start a broker.
-#[derive(Clone, Debug, Default)]
-pub struct Start {
-    pub config: Option<Config>,
-    /// RLIMIT_NOFILE soft = hard for the broker process.
-    pub nofile: Option<u64>,
-}
-
-impl Start {
-    pub fn new() -> Start {
-        Start::default()
-    }
-    pub fn config(mut self, c: Config) -> Start {
-        self.config = Some(c);
-        self
-    }
-    pub fn nofile(mut self, n: u64) -> Start {
-        self.nofile = Some(n);
-        self
-    }
-
-    pub fn try_run(self, driver: &str) -> Result<Broker, Refused> {
-        raise_fd_limit();
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("bus.sock");
-        let stderr = dir.path().join(format!("broker-{n}.stderr"));
-        let mut cmd = match self.nofile {
-            // prlimit execs the broker: the pid is the broker's.
-            Some(n) => {
-                let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(BUS);
-                c
-            }
-            None => Command::new(BUS),
-        };
-        cmd.arg("broker").arg("--socket").arg(&socket);
-        if let Some(cfg) = &self.config {
-            let path = dir.path().join("broker.toml");
-            std::fs::write(&path, &cfg.text).unwrap();
-            cmd.arg("--config").arg(path);
-        }
-        let mut child = cmd
-            .env("MEMBUS_DRIVER", driver)
-            .env("MEMBUS_LOG", "info")
-            .env_remove("MEMBUS_SOCKET")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn bus broker");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(DEADLINE)
-            .expect("broker printed nothing in time");
-        if line.is_empty() {
-            let status = child.wait().unwrap();
-            return Err(Refused {
-                status,
-                stderr: std::fs::read_to_string(&stderr).unwrap_or_default(),
-            });
-        }
-        let pid = child.id();
-        Ok(Broker {
-            child,
-            pid,
-            socket,
-            stderr,
-            dir,
-        })
-    }
-
-    #[track_caller]
-    pub fn run(self, driver: &str) -> Broker {
-        self.try_run(driver)
-            .unwrap_or_else(|r| panic!("broker did not start ({}): {}", r.status, r.stderr))
-    }
-}
-
-impl Broker {
-    pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .expect("broker's /proc/PID/fd")
-            .count()
-    }
-
-    /// The fd count once it stops changing.
-    pub fn settled_fds(&self) -> usize {
-        let mut last = self.open_fds();
-        let mut stable = 0;
-        wait_until("the broker's fd count settles", || {
-            let now = self.open_fds();
-            if now == last {
-                stable += 1;
-            } else {
-                stable = 0;
-                last = now;
-            }
-            stable >= 5
-        });
-        last
-    }
-
-    pub fn expect_fds(&self, baseline: usize, after: &str) {
-        let mut now;
-        let end = Instant::now() + DEADLINE;
-        loop {
-            now = self.open_fds();
-            if now == baseline || Instant::now() > end {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(
-            now, baseline,
-            "the broker's fd count returns to its baseline after {after}"
-        );
-    }
-
-    pub fn signal(&self, sig: Signal) {
-        rustix::process::kill_process(Pid::from_raw(self.pid as i32).unwrap(), sig).unwrap();
-    }
-
-    pub fn wait_exit(&mut self) -> ExitStatus {
-        let mut status = None;
-        wait_until("the broker exits", || {
-            status = self.child.try_wait().unwrap();
-            status.is_some()
-        });
-        status.unwrap()
-    }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    pub fn bus(&self) -> Command {
+impl BrokerExt for Broker {
+    fn bus(&self) -> Command {
         let mut c = Command::new(BUS);
-        c.env("MEMBUS_SOCKET", &self.socket)
+        c.env("MEMBUS_SOCKET", self.socket())
             .env_remove("MEMBUS_LOG")
             .stdin(Stdio::null());
         c
     }
 
-    pub fn connect(&self) -> bus_client::Bus {
-        bus_client::Bus::connect(&self.socket).expect("bus-client connects")
+    fn connect(&self) -> bus_client::Bus {
+        bus_client::Bus::connect(self.socket()).expect("bus-client connects")
     }
 
-    pub fn connect_datagram(&self) -> bus_client::Bus {
+    fn connect_datagram(&self) -> bus_client::Bus {
         bus_client::Bus::connect_with(
-            &self.socket,
+            self.socket(),
             bus_client::BusOptions::new().transport(bus_client::Transport::Datagram),
         )
         .expect("bus-client connects (datagram)")
     }
 
-    /// CPU used by the broker over a window (fraction of one core).
-    pub fn cpu_over(&self, window: Duration) -> f64 {
-        cpu_over(self.pid, window)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    fn cpu_over(&self, window: Duration) -> f64 {
+        cpu_over(self.pid(), window)
     }
 }
 

@@ -1,95 +1,30 @@
 //! Broker processes, child client processes, and message patterns with checksums.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bus_client::{Bus, BusOptions, Transport};
 
-/// A `bus-broker` child process listening on a socket in a temporary directory.
-pub struct Broker {
-    child: Option<Child>,
-    pub socket: PathBuf,
-    _dir: tempfile::TempDir,
+/// The test broker: a `bus-broker` process on a private socket (bus-testkit).
+pub use bus_testkit::Broker;
+
+/// bus-client connections to a test [`Broker`].
+pub trait BrokerExt {
+    /// A connection with the default options.
+    fn bus(&self) -> Bus;
+    /// A connection over `transport`.
+    fn bus_with(&self, transport: Transport) -> Bus;
 }
 
-fn broker_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/it-HASH -> target/<profile>/bus-broker
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("bus-broker");
-    assert!(
-        bin.exists(),
-        "{} does not exist: build it first: cargo build -p bus-broker",
-        bin.display()
-    );
-    bin
-}
-
-impl Broker {
-    pub fn start() -> Broker {
-        let dir = tempfile::Builder::new()
-            .prefix("membus-it")
-            .tempdir()
-            .expect("tempdir");
-        let socket = dir.path().join("bus.sock");
-        let child = Command::new(broker_binary())
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--log")
-            .arg("warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn bus-broker");
-        let mut b = Broker {
-            child: Some(child),
-            socket,
-            _dir: dir,
-        };
-        b.wait_ready();
-        b
+impl BrokerExt for Broker {
+    fn bus(&self) -> Bus {
+        Bus::connect(self.socket()).expect("connect to the test broker")
     }
 
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if Bus::connect(&self.socket).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("bus-broker exited early: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "bus-broker did not start listening"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    pub fn bus(&self) -> Bus {
-        Bus::connect(&self.socket).expect("connect to the test broker")
-    }
-
-    pub fn bus_with(&self, transport: Transport) -> Bus {
-        Bus::connect_with(&self.socket, BusOptions::new().transport(transport))
+    fn bus_with(&self, transport: Transport) -> Bus {
+        Bus::connect_with(self.socket(), BusOptions::new().transport(transport))
             .expect("connect to the test broker")
-    }
-
-    /// SIGKILL: the broker dies without a word.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -104,7 +39,7 @@ impl ChildClient {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
             .env("MEMBUS_IT_CHILD", role)
-            .env("MEMBUS_SOCKET", &broker.socket)
+            .env("MEMBUS_SOCKET", broker.socket())
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         for (k, v) in args {

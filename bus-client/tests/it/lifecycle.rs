@@ -6,7 +6,7 @@ use bus_client::{
     Bus, ConnectError, ModeRequest, PublishError, RecvError, SubscribeError, TopicOptions,
 };
 
-use crate::harness::{Broker, ChildClient, check_pattern, eventually};
+use crate::harness::{Broker, BrokerExt, ChildClient, check_pattern, eventually};
 
 #[test]
 fn no_broker_says_where_it_looked_and_what_to_do() {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bus_client::{Subscriber, TopicOptions, Transport};
 
-use crate::harness::{Broker, eventually};
+use crate::harness::{Broker, BrokerExt, eventually};
 
 /// Sizes that test message boundaries: empty, tiny, odd, and the largest allowed.
 fn sizes(max: usize) -> Vec<usize> {
