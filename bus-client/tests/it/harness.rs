@@ -37,11 +37,17 @@ pub struct ChildClient {
 impl ChildClient {
     pub fn spawn(role: &str, broker: &Broker, args: &[(&str, String)]) -> ChildClient {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-            .env("MEMBUS_IT_CHILD", role)
-            .env("MEMBUS_SOCKET", broker.socket())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
+        cmd.args([
+            "--ignored",
+            "--exact",
+            "child_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MEMBUS_IT_CHILD", role)
+        .env("MEMBUS_SOCKET", broker.socket())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
         for (k, v) in args {
             cmd.env(k, v);
         }
@@ -130,11 +136,13 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Runs the role named by `MEMBUS_IT_CHILD`, if any.
+/// Runs the role named by `MEMBUS_IT_CHILD`; without one it panics (the entry point was run as
+/// if it were a test).
 pub fn run_child_role() {
-    let Ok(role) = std::env::var("MEMBUS_IT_CHILD") else {
-        return;
-    };
+    let role = std::env::var("MEMBUS_IT_CHILD").expect(
+        "child_entry is the child processes' entry point, not a test: run the other tests, \
+         which start it with MEMBUS_IT_CHILD=<role>",
+    );
     let topic = std::env::var("MEMBUS_IT_TOPIC").unwrap_or_else(|_| "it".into());
     let bus = Bus::connect_default().expect("child: connect");
     match role.as_str() {
