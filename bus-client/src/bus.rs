@@ -12,7 +12,7 @@ use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 use crate::conn::{self, RequestError, Shared, Welcome, lock};
-use crate::error::{BrokerError, ConnectError, SubscribeError};
+use crate::error::{BrokerError, ConnectError, OpenError, PublisherError, SubscribeError};
 use crate::options::{BusOptions, SubscriberOptions, TopicOptions, Transport, clip};
 use crate::{Publisher, Subscriber};
 
@@ -42,11 +42,11 @@ impl Client {
 }
 
 /// Maps a request failure to the error of publisher/subscriber creation.
-pub(crate) fn request_error(e: RequestError) -> SubscribeError {
+pub(crate) fn request_error<E: OpenError>(e: RequestError) -> E {
     match e {
-        RequestError::Gone(reason) => SubscribeError::BrokerGone { reason },
-        RequestError::Timeout(t) => SubscribeError::Timeout(t),
-        RequestError::Io(e) => SubscribeError::Io(e),
+        RequestError::Gone(reason) => E::gone(reason),
+        RequestError::Timeout(t) => E::timeout(t),
+        RequestError::Io(e) => E::io(e),
     }
 }
 
@@ -223,7 +223,7 @@ impl Bus {
 
     /// A publisher on `topic` with the topic's settings (or the broker's defaults for a new
     /// topic).
-    pub fn publisher(&self, topic: &str) -> Result<Publisher, SubscribeError> {
+    pub fn publisher(&self, topic: &str) -> Result<Publisher, PublisherError> {
         self.publisher_with(topic, TopicOptions::default())
     }
 
@@ -232,7 +232,7 @@ impl Bus {
         &self,
         topic: &str,
         options: TopicOptions,
-    ) -> Result<Publisher, SubscribeError> {
+    ) -> Result<Publisher, PublisherError> {
         Publisher::create(self.client.clone(), topic, options)
     }
 

@@ -122,8 +122,70 @@ impl From<rustix::io::Errno> for SubscribeError {
     }
 }
 
-/// Creating a publisher fails for the same reasons as creating a subscriber.
-pub type PublisherError = SubscribeError;
+/// Why creating a publisher failed ([`crate::Bus::publisher`], [`crate::Bus::publisher_with`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublisherError {
+    /// The broker said no (policy, topic conflict, ring size or message limit, limits...).
+    #[error(transparent)]
+    Refused(#[from] BrokerError),
+    /// The connection to the broker is gone.
+    #[error("the broker is gone ({reason}); reconnect with Bus::connect once it runs again")]
+    BrokerGone {
+        /// What we know (EOF, SHUTDOWN message...).
+        reason: String,
+    },
+    /// The broker did not answer in time.
+    #[error("the broker did not answer within {0:?}; check its log, or raise the request timeout")]
+    Timeout(Duration),
+    /// The ring the broker created for this publisher could not be mapped read-write or its
+    /// header could not be written.
+    #[error(
+        "cannot map the ring the broker created for this publisher: {0}; use Transport::Auto or \
+         Transport::Datagram where shared memory is unavailable"
+    )]
+    Ring(String),
+    /// The broker's reply did not follow the protocol.
+    #[error("unexpected reply from the broker: {0}; are client and broker the same release?")]
+    Protocol(String),
+    /// Sending on the control socket failed.
+    #[error("control socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What creating a publisher and a subscriber can both run into, so that the request helpers
+/// serve both error types.
+pub(crate) trait OpenError {
+    fn refused(e: BrokerError) -> Self;
+    fn gone(reason: String) -> Self;
+    fn timeout(after: Duration) -> Self;
+    fn io(e: io::Error) -> Self;
+    fn protocol(what: String) -> Self;
+}
+
+macro_rules! open_error {
+    ($t:ident) => {
+        impl OpenError for $t {
+            fn refused(e: BrokerError) -> Self {
+                $t::Refused(e)
+            }
+            fn gone(reason: String) -> Self {
+                $t::BrokerGone { reason }
+            }
+            fn timeout(after: Duration) -> Self {
+                $t::Timeout(after)
+            }
+            fn io(e: io::Error) -> Self {
+                $t::Io(e)
+            }
+            fn protocol(what: String) -> Self {
+                $t::Protocol(what)
+            }
+        }
+    };
+}
+open_error!(SubscribeError);
+open_error!(PublisherError);
 
 /// Why a publish did not happen. Where a retry makes sense the message (or the slice you
 /// passed) is handed back, as in `crossbeam`'s `TrySendError<T>`.
@@ -333,5 +395,37 @@ fn skip_reason_text(reason: SkipReason) -> String {
             "the publisher's ring is corrupt; nothing more comes from that publisher".to_owned()
         }
         other => format!("{other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creation_failure() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let gone: PublisherError = request_gone();
+        Err(gone)?;
+        Ok(())
+    }
+
+    fn request_gone<E: OpenError>() -> E {
+        E::gone("EOF".into())
+    }
+
+    #[test]
+    fn publisher_errors_are_their_own_and_convert_with_a_question_mark() {
+        let e = creation_failure().unwrap_err();
+        let p = e
+            .downcast_ref::<PublisherError>()
+            .expect("a PublisherError");
+        assert!(matches!(p, PublisherError::BrokerGone { reason } if reason == "EOF"));
+        assert!(e.to_string().contains("reconnect with Bus::connect"), "{e}");
+        let ring = PublisherError::Ring("mmap: ENOMEM".into()).to_string();
+        assert!(
+            ring.contains("this publisher") && ring.contains("Transport::Datagram"),
+            "{ring}"
+        );
+        let sub: SubscribeError = request_gone();
+        assert!(matches!(sub, SubscribeError::BrokerGone { .. }));
     }
 }

@@ -15,7 +15,7 @@ use bus_core::wake::WakeSender;
 
 use crate::bus::{Client, request_error};
 use crate::conn::{Event, Inbox, Kind, Shared, TAG_PING, TAG_PUBLISH};
-use crate::error::{BrokerError, PublishError, SubscribeError};
+use crate::error::{BrokerError, OpenError, PublishError, PublisherError};
 use crate::options::{TopicOptions, Transport};
 
 /// A datagram publisher sends a flow-control PING after this many PUBLISH frames...
@@ -92,8 +92,8 @@ impl std::fmt::Debug for Publisher {
 
 enum CreateFailure {
     /// Shared memory could not be used: an Auto client falls back to datagrams.
-    Segment(SubscribeError),
-    Other(SubscribeError),
+    Segment(PublisherError),
+    Other(PublisherError),
 }
 
 impl Publisher {
@@ -101,7 +101,7 @@ impl Publisher {
         client: Arc<Client>,
         topic: &str,
         options: TopicOptions,
-    ) -> Result<Publisher, SubscribeError> {
+    ) -> Result<Publisher, PublisherError> {
         if client.transport != Transport::Datagram {
             match Publisher::create_shm(&client, topic, options) {
                 Ok(p) => return Ok(p),
@@ -181,7 +181,7 @@ impl Publisher {
                         publisher_id: grant.publisher_id,
                     },
                 );
-                return Err(CreateFailure::Segment(SubscribeError::Segment(e)));
+                return Err(CreateFailure::Segment(PublisherError::Ring(e)));
             }
         };
         drop(ring);
@@ -225,7 +225,7 @@ impl Publisher {
         client: Arc<Client>,
         topic: &str,
         options: TopicOptions,
-    ) -> Result<Publisher, SubscribeError> {
+    ) -> Result<Publisher, PublisherError> {
         let shared = &client.shared;
         let inbox = Arc::new(Inbox::new(false)?);
         let reply = shared
@@ -236,7 +236,7 @@ impl Publisher {
                 transport: bus_core::frame::Transport::Datagram,
                 topic,
             }))
-            .map_err(request_error)?;
+            .map_err(request_error::<PublisherError>)?;
         let grant = match reply.msg() {
             Msg::RingGranted(g) if g.role == RingRole::Datagram => g,
             msg => return Err(unexpected(msg, "RING_GRANTED (fallback)")),
@@ -544,13 +544,13 @@ pub(crate) fn fire(shared: &Shared, msg: Msg<'_>) {
     let _ = shared.send_msg(u64::MAX >> 2, msg);
 }
 
-pub(crate) fn unexpected(msg: Msg<'_>, expected: &str) -> SubscribeError {
+pub(crate) fn unexpected<E: OpenError>(msg: Msg<'_>, expected: &str) -> E {
     match msg {
-        Msg::Error(e) => SubscribeError::Refused(BrokerError {
+        Msg::Error(e) => E::refused(BrokerError {
             code: e.code,
             message: e.message.to_owned(),
         }),
-        other => SubscribeError::Protocol(format!(
+        other => E::protocol(format!(
             "expected {expected}, got {} (or the wrong fds)",
             other.msg_type()
         )),

@@ -133,7 +133,7 @@ impl Subscriber {
                 delivery,
                 topic,
             }))
-            .map_err(request_error)?;
+            .map_err(request_error::<SubscribeError>)?;
         let granted = match reply.msg() {
             Msg::Subscribed(s)
                 if s.delivery == delivery
